@@ -1,0 +1,90 @@
+"""The one place that decides which backend computes a coarsening step.
+
+Everything else calls :func:`coarsen` and is unaware of the choice.
+
+- ``"torch"``: the lean PyTorch path (any device).
+- ``"triton"``: the fused Triton kernels. On CUDA tensors they run compiled; on CPU tensors
+  they run only under ``TRITON_INTERPRET=1`` (Triton's NumPy interpreter), else a clear error.
+- ``"auto"``: Triton on CUDA tensors when triton is importable, else torch.
+
+The environment variable ``DIFFPOOL_FAST_BACKEND`` (torch|triton|auto) overrides the argument
+for a whole program.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from typing import Optional, Tuple
+
+from torch import Tensor
+
+from .coarsen_torch import coarsen_torch
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "DIFFPOOL_FAST_BACKEND"
+
+_warned: set = set()
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(backend: str, device) -> str:
+    """Return "torch" or "triton" for a requested backend and the tensors' device."""
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        forced = forced.strip().lower()
+        if forced not in BACKENDS:
+            raise ValueError(
+                f"environment variable {BACKEND_ENV}={forced!r} is not one of {BACKENDS}"
+            )
+        backend = forced
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    is_cuda = getattr(device, "type", str(device)) == "cuda"
+    if backend == "auto":
+        return "triton" if is_cuda and triton_importable() else "torch"
+    if backend == "triton":
+        if not triton_importable():
+            raise RuntimeError(
+                "backend='triton' needs the triton package: pip install 'diffpool_fast[triton]'"
+            )
+        if not is_cuda and not triton_interpreting():
+            raise RuntimeError(
+                f"backend='triton' got tensors on {device}: Triton kernels run on CUDA tensors, "
+                "or on CPU only under the interpreter (set TRITON_INTERPRET=1 before importing "
+                "diffpool_fast); use backend='torch' or 'auto' on CPU"
+            )
+    return backend
+
+
+def coarsen(
+    x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor], backend: str = "auto"
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-graph coarsening quantities ``(out, out_adj, link_sq, ent_sum)`` on the chosen backend.
+
+    Inputs must already be checked and batched (``inputs.check_pool_inputs``).
+    """
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "triton":
+        try:
+            from . import coarsen_triton
+        except ImportError as err:  # pragma: no cover - depends on the build
+            raise RuntimeError(f"the Triton path is not available in this build: {err}") from err
+        reason = coarsen_triton.unsupported_reason(x, adj, s, mask)
+        if reason is None:
+            return coarsen_triton.coarsen_triton(x, adj, s, mask)
+        _warn_once(reason, f"diffpool_fast: falling back to the torch path: {reason}")
+    return coarsen_torch(x, adj, s, mask)
