@@ -75,20 +75,24 @@ def adjacency_times_assignment(adj: Tensor, S: Tensor) -> Tensor:
 def adjacency_sq_norm(adj: Tensor) -> Tensor:
     """||A_b||_F^2 per graph in float64, [B], without an N x N temporary."""
     B = adj.shape[0]
-    if adj.dtype in (torch.bool, torch.uint8):
-        if adj.dtype == torch.bool:
-            return torch.count_nonzero(adj.reshape(B, -1), dim=1).to(torch.float64)
-        # uint8 adjacency may hold weights 0..255: squares summed exactly in int64, a few
-        # graphs at a time.
-        step = _graph_chunk(adj.shape[1], 8)
-        out = torch.empty(B, dtype=torch.float64, device=adj.device)
-        for b0 in range(0, B, step):
-            part = adj[b0 : b0 + step]
-            out[b0 : b0 + step] = part.reshape(part.shape[0], -1).to(torch.int64).square().sum(1)
-        return out
-    flat = adj.reshape(B, -1)
-    norm = torch.linalg.vector_norm(flat, ord=2, dim=1)
-    return norm.to(torch.float64).square()
+    if adj.dtype == torch.bool:
+        return torch.count_nonzero(adj.flatten(1), dim=1).to(torch.float64)
+    if adj.dtype in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(adj.flatten(1), dim=1).to(torch.float64).square()
+    # uint8 weights (squares summed exactly in int64) and half floats (fp32 norm): a reduction
+    # with a wider dtype would convert the whole adjacency at once, so go a few graphs at a time.
+    wide = torch.int64 if adj.dtype == torch.uint8 else torch.float32
+    step = _graph_chunk(adj.shape[1], torch.empty((), dtype=wide).element_size())
+    parts = []
+    for b0 in range(0, B, step):
+        part = adj[b0 : b0 + step].flatten(1).to(wide)
+        if wide == torch.int64:
+            parts.append(part.square().sum(1).to(torch.float64))
+        else:
+            parts.append(torch.linalg.vector_norm(part, dim=1).to(torch.float64).square())
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64, device=adj.device)
+    return torch.cat(parts)
 
 
 def coarsen_torch(

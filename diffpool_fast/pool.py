@@ -91,7 +91,7 @@ def dense_diff_pool(
         else:
             link = _safe_sqrt(link_sq)
             if mode == "numel":
-                link = link / float(N * N)
+                link = link / float(max(N * N, 1))
         ent = torch.where(has_nodes, ent_sum / n_safe, torch.zeros_like(ent_sum))
     else:
         if mode == "graph":
@@ -100,7 +100,7 @@ def dense_diff_pool(
         else:
             link = _safe_sqrt(link_sq.sum())
             if mode == "numel":
-                link = link / float(inp.adj.numel())
+                link = link / float(max(inp.adj.numel(), 1))
         ent = ent_sum.sum() / float(B * N) if B * N > 0 else ent_sum.sum()
 
     return (
