@@ -1,12 +1,17 @@
 """The memory-lean PyTorch path of one DiffPool coarsening step.
 
-Never builds a B x N x N intermediate. The link loss uses the identity (shared/MATH.md)
+Forward and backward are written by hand (shared/MATH.md) as one autograd Function, so that:
 
-    ||A - S S^T||_F^2 = ||A||_F^2 - 2 tr(S^T A S) + ||S^T S||_F^2
+- no B x N x N intermediate is ever built (the link loss uses the identity
+  ||A - S S^T||_F^2 = ||A||_F^2 - 2 tr(S^T A S) + ||S^T S||_F^2, reusing out_adj = S^T (A S) and
+  one C x C product);
+- the forward pass makes one matmul over A (A S), the backward pass one (A^T W, with every
+  term that needs A^T folded into W = S (G - 2 g_Q I)), where autograd would make more;
+- what is saved for backward is O(B N (C + F)) plus a reference to adj, never a copy.
 
-so it reuses out_adj = S^T (A S) and one C x C product. The three scalar terms are summed in
-float64: they can be large and nearly cancel, and the per-graph sum of a few numbers in float64
-costs nothing. The result is clamped at 0 (cancellation can leave a tiny negative value).
+The three scalar terms of the link loss are summed per graph in float64: they can be large and
+nearly cancel. The result is clamped at 0 (cancellation can leave a tiny negative value), with
+zero gradient where the clamp acts.
 """
 from __future__ import annotations
 
@@ -32,44 +37,21 @@ def _graph_chunk(N: int, itemsize: int) -> int:
     return max(1, _CONVERT_CHUNK_BYTES // max(1, N * N * itemsize))
 
 
-class _ConvertedAdjMatmul(torch.autograd.Function):
-    """A S for an adjacency stored in another dtype (bool, uint8, fp16, bf16).
+def adjacency_matmul(adj: Tensor, W: Tensor, transpose: bool = False) -> Tensor:
+    """A W (or A^T W), [B, N, K], without a converted copy of A.
 
-    Converts a few graphs at a time and saves only the original adj for backward, so neither
-    pass holds a converted B x N x N copy.
+    An adjacency stored in another dtype than W (bool, uint8, fp16, bf16) is converted a few
+    graphs at a time.
     """
-
-    @staticmethod
-    def forward(ctx, adj: Tensor, S: Tensor) -> Tensor:
-        B, N, _ = adj.shape
-        out = S.new_empty(S.shape)
-        step = _graph_chunk(N, S.element_size())
-        for b0 in range(0, B, step):
-            out[b0 : b0 + step] = adj[b0 : b0 + step].to(S.dtype) @ S[b0 : b0 + step]
-        ctx.save_for_backward(adj, S)
-        return out
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        adj, S = ctx.saved_tensors
-        B, N, _ = adj.shape
-        step = _graph_chunk(N, S.element_size())
-        g_adj = g_S = None
-        if ctx.needs_input_grad[1]:
-            g_S = torch.empty_like(S)
-            for b0 in range(0, B, step):
-                a = adj[b0 : b0 + step].to(S.dtype)
-                g_S[b0 : b0 + step] = a.transpose(1, 2) @ g[b0 : b0 + step]
-        if ctx.needs_input_grad[0]:
-            g_adj = (g @ S.transpose(1, 2)).to(adj.dtype)
-        return g_adj, g_S
-
-
-def adjacency_times_assignment(adj: Tensor, S: Tensor) -> Tensor:
-    """A S, [B, N, C], without a converted copy of A."""
-    if adj.dtype == S.dtype:
-        return adj @ S
-    return _ConvertedAdjMatmul.apply(adj, S)
+    if adj.dtype == W.dtype:
+        return (adj.transpose(1, 2) if transpose else adj) @ W
+    B, N, _ = adj.shape
+    out = W.new_empty(W.shape)
+    step = _graph_chunk(N, W.element_size())
+    for b0 in range(0, B, step):
+        a = adj[b0 : b0 + step].to(W.dtype)
+        out[b0 : b0 + step] = (a.transpose(1, 2) if transpose else a) @ W[b0 : b0 + step]
+    return out
 
 
 def adjacency_sq_norm(adj: Tensor) -> Tensor:
@@ -95,6 +77,70 @@ def adjacency_sq_norm(adj: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+class CoarsenTorch(torch.autograd.Function):
+    """(x, adj, s, mask) -> (out, out_adj, link_sq, ent_sum); see ``coarsen_torch``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor]):
+        dt = compute_dtype(x, s)
+        P = torch.softmax(s.to(dt), dim=-1)
+        S = P if mask is None else P * mask.unsqueeze(-1).to(dt)
+        St = S.transpose(1, 2)
+        xc = x.to(dt)
+        # S is 0 on padded rows, so S^T X needs no masked copy of X.
+        out = St @ xc
+        AS = adjacency_matmul(adj, S)
+        out_adj = St @ AS
+        StS = St @ S
+        f64 = torch.float64
+        trace = torch.diagonal(out_adj, dim1=1, dim2=2).sum(-1, dtype=f64)
+        raw = adjacency_sq_norm(adj) - 2.0 * trace + StS.to(f64).square().sum(dim=(1, 2))
+        link_sq = raw.clamp_min(0.0)
+        ent_sum = -(S * torch.log(S + EPS)).sum(dim=(1, 2), dtype=f64)
+        ctx.save_for_backward(xc, adj, P, S, AS, StS, raw > 0, mask)
+        ctx.dtypes = (x.dtype, adj.dtype, s.dtype)
+        return out, out_adj, link_sq, ent_sum
+
+    @staticmethod
+    def backward(ctx, g_out, g_out_adj, g_link_sq, g_ent):
+        xc, adj, P, S, AS, StS, positive, mask = ctx.saved_tensors
+        x_dtype, adj_dtype, s_dtype = ctx.dtypes
+        dt = S.dtype
+        B, N, C = S.shape
+        need_x, need_adj, need_s = ctx.needs_input_grad[:3]
+        gQ = (g_link_sq * positive).to(dt).view(B, 1, 1)
+        G = g_out_adj.to(dt)
+        eye = torch.eye(C, dtype=dt, device=S.device)
+
+        g_x = g_adj = g_s = None
+        if need_x:
+            g_x = (S @ g_out.to(dt)).to(x_dtype)
+        if need_s:
+            # dS = X g_out^T + A S G^T + A^T S G + gQ (-2 (A + A^T) S + 4 S S^T S) + entropy term.
+            # The A^T terms are one product A^T W with W = S (G - 2 gQ I); the A S terms reuse
+            # the AS kept from forward.
+            W = S @ (G - 2.0 * gQ * eye)
+            dS = adjacency_matmul(adj, W, transpose=True)
+            dS.baddbmm_(AS, G.transpose(1, 2) - 2.0 * gQ * eye)
+            dS.baddbmm_(S, 4.0 * gQ * StS)
+            dS.baddbmm_(xc, g_out.to(dt).transpose(1, 2))
+            Se = S + EPS
+            dS -= g_ent.to(dt).view(B, 1, 1) * (torch.log(Se) + S / Se)
+            if mask is not None:
+                dS = dS * mask.unsqueeze(-1).to(dt)
+            # softmax backward: dL = P * (dP - rowsum(P * dP))
+            dL = P * (dS - (P * dS).sum(-1, keepdim=True))
+            g_s = dL.to(s_dtype)
+        if need_adj:
+            # dA = S G S^T + 2 gQ (A - S S^T): an N x N gradient, asked for only at levels >= 1
+            # where N is the previous level's cluster count.
+            SG = S @ G
+            g_adj = SG @ S.transpose(1, 2) - 2.0 * gQ * (S @ S.transpose(1, 2))
+            g_adj = g_adj + 2.0 * gQ * adj.to(dt)
+            g_adj = g_adj.to(adj_dtype)
+        return g_x, g_adj, g_s, None
+
+
 def coarsen_torch(
     x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -102,21 +148,6 @@ def coarsen_torch(
 
     Inputs are validated and batched (see ``inputs.check_pool_inputs``). Returns
     ``(out [B,C,F], out_adj [B,C,C], link_sq [B] float64, ent_sum [B] float64)``; out and
-    out_adj are in the compute dtype (fp32 for half inputs).
+    out_adj are in the compute dtype (fp32 for half inputs). Differentiable in x, adj and s.
     """
-    dt = compute_dtype(x, s)
-    S = torch.softmax(s.to(dt), dim=-1)
-    if mask is not None:
-        S = S * mask.unsqueeze(-1).to(dt)
-    St = S.transpose(1, 2)
-    # S is 0 on padded rows, so S^T X needs no masked copy of X.
-    out = St @ x.to(dt)
-    AS = adjacency_times_assignment(adj, S)
-    out_adj = St @ AS
-    StS = St @ S
-    f64 = torch.float64
-    trace = (AS * S).sum(dim=(1, 2), dtype=f64)
-    sts_sq = StS.to(f64).square().sum(dim=(1, 2))
-    link_sq = (adjacency_sq_norm(adj) - 2.0 * trace + sts_sq).clamp_min(0.0)
-    ent_sum = -(S * torch.log(S + EPS)).sum(dim=(1, 2), dtype=f64)
-    return out, out_adj, link_sq, ent_sum
+    return CoarsenTorch.apply(x, adj, s, mask)
