@@ -113,13 +113,14 @@ class CoarsenTorch(torch.autograd.Function):
         eye = torch.eye(C, dtype=dt, device=S.device)
 
         g_x = g_adj = g_s = None
+        # Every term of dS and dA that involves A^T (or S^T) goes through W = S (G - 2 gQ I).
+        W = S @ (G - 2.0 * gQ * eye) if (need_s or need_adj) else None
         if need_x:
             g_x = (S @ g_out.to(dt)).to(x_dtype)
         if need_s:
             # dS = X g_out^T + A S G^T + A^T S G + gQ (-2 (A + A^T) S + 4 S S^T S) + entropy term.
             # The A^T terms are one product A^T W with W = S (G - 2 gQ I); the A S terms reuse
             # the AS kept from forward.
-            W = S @ (G - 2.0 * gQ * eye)
             dS = adjacency_matmul(adj, W, transpose=True)
             dS.baddbmm_(AS, G.transpose(1, 2) - 2.0 * gQ * eye)
             dS.baddbmm_(S, 4.0 * gQ * StS)
@@ -132,12 +133,9 @@ class CoarsenTorch(torch.autograd.Function):
             dL = P * (dS - (P * dS).sum(-1, keepdim=True))
             g_s = dL.to(s_dtype)
         if need_adj:
-            # dA = S G S^T + 2 gQ (A - S S^T): an N x N gradient, asked for only at levels >= 1
-            # where N is the previous level's cluster count.
-            SG = S @ G
-            g_adj = SG @ S.transpose(1, 2) - 2.0 * gQ * (S @ S.transpose(1, 2))
-            g_adj = g_adj + 2.0 * gQ * adj.to(dt)
-            g_adj = g_adj.to(adj_dtype)
+            # dA = S G S^T + 2 gQ (A - S S^T) = W S^T + 2 gQ A: an N x N gradient, asked for only
+            # at levels >= 1, where N is the previous level's cluster count.
+            g_adj = (W @ S.transpose(1, 2)).addcmul_(adj.to(dt), 2.0 * gQ).to(adj_dtype)
         return g_x, g_adj, g_s, None
 
 
