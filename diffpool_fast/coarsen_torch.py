@@ -81,7 +81,7 @@ class CoarsenTorch(torch.autograd.Function):
     """(x, adj, s, mask) -> (out, out_adj, link_sq, ent_sum); see ``coarsen_torch``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor]):
+    def forward(ctx, x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor], symmetric: bool):
         dt = compute_dtype(x, s)
         P = torch.softmax(s.to(dt), dim=-1)
         S = P if mask is None else P * mask.unsqueeze(-1).to(dt)
@@ -99,6 +99,7 @@ class CoarsenTorch(torch.autograd.Function):
         ent_sum = -(S * torch.log(S + EPS)).sum(dim=(1, 2), dtype=f64)
         ctx.save_for_backward(xc, adj, P, S, AS, StS, raw > 0, mask)
         ctx.dtypes = (x.dtype, adj.dtype, s.dtype)
+        ctx.symmetric = symmetric
         return out, out_adj, link_sq, ent_sum
 
     @staticmethod
@@ -114,15 +115,21 @@ class CoarsenTorch(torch.autograd.Function):
 
         g_x = g_adj = g_s = None
         # Every term of dS and dA that involves A^T (or S^T) goes through W = S (G - 2 gQ I).
-        W = S @ (G - 2.0 * gQ * eye) if (need_s or need_adj) else None
+        need_w = need_adj or (need_s and not ctx.symmetric)
+        W = S @ (G - 2.0 * gQ * eye) if need_w else None
         if need_x:
             g_x = (S @ g_out.to(dt)).to(x_dtype)
         if need_s:
             # dS = X g_out^T + A S G^T + A^T S G + gQ (-2 (A + A^T) S + 4 S S^T S) + entropy term.
             # The A^T terms are one product A^T W with W = S (G - 2 gQ I); the A S terms reuse
             # the AS kept from forward.
-            dS = adjacency_matmul(adj, W, transpose=True)
-            dS.baddbmm_(AS, G.transpose(1, 2) - 2.0 * gQ * eye)
+            H = G.transpose(1, 2) - 2.0 * gQ * eye
+            if ctx.symmetric:
+                # A^T W = A S (G - 2 gQ I): the backward pass never touches A.
+                dS = AS @ (H + G - 2.0 * gQ * eye)
+            else:
+                dS = adjacency_matmul(adj, W, transpose=True)
+                dS.baddbmm_(AS, H)
             dS.baddbmm_(S, 4.0 * gQ * StS)
             dS.baddbmm_(xc, g_out.to(dt).transpose(1, 2))
             Se = S + EPS
@@ -136,16 +143,20 @@ class CoarsenTorch(torch.autograd.Function):
             # dA = S G S^T + 2 gQ (A - S S^T) = W S^T + 2 gQ A: an N x N gradient, asked for only
             # at levels >= 1, where N is the previous level's cluster count.
             g_adj = (W @ S.transpose(1, 2)).addcmul_(adj.to(dt), 2.0 * gQ).to(adj_dtype)
-        return g_x, g_adj, g_s, None
+        return g_x, g_adj, g_s, None, None
 
 
 def coarsen_torch(
-    x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor] = None
+    x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor] = None, adj_symmetric: Optional[bool] = None
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One coarsening step on the PyTorch path; same contract as ``coarsen_reference``.
 
     Inputs are validated and batched (see ``inputs.check_pool_inputs``). Returns
     ``(out [B,C,F], out_adj [B,C,C], link_sq [B] float64, ent_sum [B] float64)``; out and
     out_adj are in the compute dtype (fp32 for half inputs). Differentiable in x, adj and s.
+
+    ``adj_symmetric=True`` is the caller's promise that every A_b equals its transpose: the
+    backward then uses A^T S = A S and makes no pass over A. None (unknown) or False makes the
+    one A^T product; on the CPU an exact symmetry check costs more than that product.
     """
-    return CoarsenTorch.apply(x, adj, s, mask)
+    return CoarsenTorch.apply(x, adj, s, mask, bool(adj_symmetric))

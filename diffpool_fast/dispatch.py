@@ -71,7 +71,12 @@ def resolve_backend(backend: str, device) -> str:
 
 
 def coarsen(
-    x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor], backend: str = "auto"
+    x: Tensor,
+    adj: Tensor,
+    s: Tensor,
+    mask: Optional[Tensor],
+    backend: str = "auto",
+    adj_symmetric: Optional[bool] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-graph coarsening quantities ``(out, out_adj, link_sq, ent_sum)`` on the chosen backend.
 
@@ -87,4 +92,4 @@ def coarsen(
         if reason is None:
             return coarsen_triton.coarsen_triton(x, adj, s, mask)
         _warn_once(reason, f"diffpool_fast: falling back to the torch path: {reason}")
-    return coarsen_torch(x, adj, s, mask)
+    return coarsen_torch(x, adj, s, mask, adj_symmetric)

@@ -39,6 +39,7 @@ def dense_diff_pool(
     *,
     backend: str = "auto",
     per_graph: bool = False,
+    adj_symmetric: Optional[bool] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""DiffPool coarsening (Ying et al. 2018), a drop-in for PyG's ``dense_diff_pool``.
 
@@ -70,15 +71,21 @@ def dense_diff_pool(
             link as ||A_b - S_b S_b^T||_F (``"none"``), the same divided by N*N (``"numel"``), or
             ||A_b - S_b S_b^T||_F^2 / n_b^2 (``"graph"``); entropy as the mean row entropy over the
             graph's n_b real nodes. Graphs with no real node give 0 for both.
+        adj_symmetric: ``True`` promises that every ``adj[b]`` equals its transpose (undirected
+            graphs, and every ``out_adj`` of a symmetric adjacency up to rounding): the backward
+            pass then uses A^T S = A S and never reads adj. ``None`` (default): unknown, always
+            correct. Passing ``True`` for a non-symmetric adj gives wrong gradients.
 
     Errors: ``TypeError``/``ValueError`` naming the argument and shapes for bad inputs.
     """
     mode = _normalize_mode(normalize)
     if not isinstance(per_graph, bool):
         raise TypeError(f"per_graph must be a bool, got {type(per_graph).__name__}")
+    if adj_symmetric not in (None, True, False):
+        raise TypeError(f"adj_symmetric must be None, True or False, got {adj_symmetric!r}")
     inp = check_pool_inputs(x, adj, s, mask)
     B, N = inp.x.shape[0], inp.x.shape[1]
-    out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend)
+    out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend, adj_symmetric)
 
     result_dtype = torch.promote_types(inp.x.dtype, inp.s.dtype)
     n = node_counts(inp.mask, B, N, link_sq.device).to(link_sq.dtype)

@@ -202,3 +202,52 @@ def test_gradcheck_float64(masked):
             return dense_diff_pool(x, adj, s, mask, normalize, backend="torch")
 
         assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
+def test_symmetric_promise_gives_the_same_gradients(masked):
+    x, adj, s, mask = make_inputs(3, 33, 6, 7, masked=masked, symmetric=True)
+    inputs = tuple(t.clone().requires_grad_() for t in (x, adj, s))
+    for normalize in (True, "graph"):
+        def fn(x, adj, s, sym):
+            return dense_diff_pool(x, adj, s, mask, normalize, backend="torch", adj_symmetric=sym)
+
+        g = _gen()
+        w = [torch.randn(o.shape, dtype=o.dtype, generator=g) for o in fn(*inputs, None)]
+        grads = [
+            torch.autograd.grad(sum((o * wi).sum() for o, wi in zip(fn(*inputs, sym), w)), inputs)
+            for sym in (None, True)
+        ]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the promise is what it says: for a non-symmetric adj the s gradient differs
+    adj_ns = adj.clone()
+    adj_ns[:, 0, 1:] = 0.0
+    adj_ns[:, 1:, 0] = 1.0
+    ss = s.clone().requires_grad_()
+    d = [torch.autograd.grad(dense_diff_pool(x, adj_ns, ss, mask, backend="torch", adj_symmetric=sym)[1].pow(2).sum(), ss)[0]
+         for sym in (None, True)]
+    assert not torch.allclose(d[0], d[1])
+
+
+def test_symmetric_promise_skips_the_backward_pass_over_adj():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BmmOperands(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default):
+                self.shapes.append([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+            return func(*args, **(kwargs or {}))
+
+    B, N, C = 2, 40, 5
+    x, adj, s, mask = make_inputs(B, N, 3, C, masked=True, dtype=torch.float32)
+    for sym, expect in ((None, 1), (True, 0)):
+        ss = s.clone().requires_grad_()
+        o = dense_diff_pool(x, adj, ss, mask, backend="torch", adj_symmetric=sym)
+        with BmmOperands() as rec:
+            (o[1].sum() + o[2]).backward()
+        assert sum((B, N, N) in shapes for shapes in rec.shapes) == expect
