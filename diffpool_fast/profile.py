@@ -90,6 +90,8 @@ def register(sub) -> None:
     p.add_argument("--density", type=float, default=0.05, help="edge probability (default 0.05)")
     p.add_argument("--no-mask", action="store_true",
                    help="no padding mask (default: graphs of N/2..N real nodes, padded to N)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads, here and in the memory workers (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/profile-<time>)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -102,6 +104,9 @@ def register(sub) -> None:
                         "measured otherwise)")
     p.add_argument("--peak-tflops", type=float, default=None, metavar="TF/s",
                    help="device matmul rate for the floor (same default)")
+    p.add_argument("--from-csv", default=None, metavar="CSV",
+                   help="only redraw profile.md and the plots from an earlier profile.csv "
+                        "(into --out, default the CSV's folder)")
     p.add_argument("--model", action="store_true",
                    help="time a training step of the full DiffPool classifier instead "
                         "(see --graphs, --min-nodes, --steps)")
@@ -220,6 +225,7 @@ def build_config(args) -> Config:
         raise _cli_error(f"--warmup must be at least 0, got {args.warmup}")
     if not 0 <= args.density <= 1:
         raise _cli_error(f"--density must be in [0, 1], got {args.density}")
+    set_threads(args)
     nodes = _int_list(args.nodes, "--nodes")
     dtype = _dtype(args.dtype, "--dtype", FLOAT_DTYPES)
     adj_dtype = dtype if args.adj_dtype.strip().lower() == "same" else _dtype(
@@ -248,15 +254,32 @@ def build_config(args) -> Config:
         memory=not args.no_memory, accuracy=args.accuracy,
         max_batch=parse_bytes(args.max_batch) if args.max_batch is not None else None,
         peak_bandwidth=args.peak_bandwidth, peak_tflops=args.peak_tflops,
-        command=command_line(),
+        command=command_line(args),
     )
 
 
-def command_line() -> str:
+def set_threads(args) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise _cli_error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def command_line(args) -> str:
+    """The command as typed when it was ``diffpool-fast profile ...``; otherwise (called from
+    Python) the equivalent command with every option spelled out."""
     argv = list(sys.argv)
-    if argv and os.path.basename(argv[0]) in ("diffpool-fast", "__main__.py", "cli.py"):
-        argv[0] = "diffpool-fast"
-    return " ".join(shlex.quote(a) for a in argv)
+    if len(argv) > 1 and os.path.basename(argv[0]) == "diffpool-fast" and argv[1] == "profile":
+        return " ".join(shlex.quote(a) for a in ["diffpool-fast"] + argv[1:])
+    parts = ["diffpool-fast", "profile"]
+    for key, value in sorted(vars(args).items()):
+        if key in ("func", "command") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,6 +797,8 @@ def markdown_table(records: List[Dict[str, object]], header: List[str]) -> str:
                 v = f"{r['status']}: {r['reason']}"
             elif c == "backend":
                 v = BACKEND_LABELS.get(v, v)
+            elif c in ("batch", "nodes", "clusters", "features"):
+                v = str(v)
             elif c not in ("mode", "status"):
                 v = _short(v) if v not in ("", None) else ""
             cells.append(str(v))
@@ -836,8 +861,55 @@ def run(args) -> int:
         from .profile_model import run_model
 
         return run_model(args)
+    if args.from_csv:
+        return render_from_csv(args.from_csv, args.out)
     cfg = build_config(args)
     return profile(cfg)
+
+
+def _markdown_header(command: str, device: str, floor_source: str, vers: Dict[str, str],
+                     on_cpu: bool) -> List[str]:
+    return [
+        "# diffpool-fast profile",
+        "",
+        f"- command: `{command}`",
+        f"- device: {device}; floor: {floor_source}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+        "- " + ("CPU: wall-clock medians, backends interleaved repeat by repeat; peak = RSS "
+                "high-water mark of a fresh process per backend and shape, above its inputs"
+                if on_cpu else
+                "CUDA: CUDA-event medians, backends interleaved; peak = CUDA allocator "
+                "max_memory_allocated above inputs"),
+        "- speed-up vs PyG = PyG's median / this median (same run); peak / PyG's = this "
+        "peak / PyG's peak; adj GB/s = one read of adj (B·N²·itemsize) / time; % of floor = "
+        "analytic floor time / median time",
+    ]
+
+
+def render_from_csv(path: str, out: Optional[str]) -> int:
+    """profile.md and the plots again from a profile.csv (e.g. after editing or merging runs)."""
+    if not os.path.isfile(path):
+        raise _cli_error(f"--from-csv: no such file {path!r}")
+    with open(path, newline="") as f:
+        records = list(csv.DictReader(f))
+    missing = [c for c in ("backend", "mode", "nodes", "status", "time_ms") if records and c not in records[0]]
+    if not records or missing:
+        raise _cli_error(f"--from-csv: {path!r} is not a profile.csv (missing {missing or 'rows'})")
+    out = out or os.path.dirname(os.path.abspath(path))
+    os.makedirs(out, exist_ok=True)
+    r0 = records[0]
+    vers = {k: r0.get(k, "") for k in ("python", "torch", "triton", "torch_geometric")}
+    header = _markdown_header(r0.get("command", ""), r0.get("device", ""),
+                              r0.get("floor_source", ""), vers,
+                              on_cpu=r0.get("peak_method", "") != "cuda-allocator"
+                              and "cuda" not in r0.get("command", ""))
+    with open(os.path.join(out, "profile.md"), "w") as f:
+        f.write(markdown_table(records, header))
+    title = f"B={r0['batch']} F={r0['features']} {r0['dtype']} adj {r0['adj_dtype']} on {r0.get('device', '')}"
+    paths = plot(records, out, title)
+    print(terminal_table(records))
+    print(f"wrote {out}/: profile.md" + "".join(f", {os.path.basename(p)}" for p in paths))
+    return 0
 
 
 def profile(cfg: Config) -> int:
@@ -904,21 +976,8 @@ def profile(cfg: Config) -> int:
 
     print()
     print(terminal_table(records))
-    header = [
-        f"# diffpool-fast profile",
-        "",
-        f"- command: `{cfg.command}`",
-        f"- device: {dev_name}; floor: {meta['floor_source']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
-        "- " + ("CPU: wall-clock medians, backends interleaved repeat by repeat; peak = RSS "
-                "high-water mark of a fresh process per backend and shape, above its inputs"
-                if cfg.device == "cpu" else
-                "CUDA: CUDA-event medians, backends interleaved; peak = CUDA allocator "
-                "max_memory_allocated above inputs"),
-        "- speed-up vs PyG = PyG's median / this median (same run); peak / PyG's = this "
-        "peak / PyG's peak; adj GB/s = one read of adj (B·N²·itemsize) / time; % of floor = "
-        "analytic floor time / median time",
-    ]
+    header = _markdown_header(cfg.command, dev_name, meta["floor_source"], vers,
+                              cfg.device == "cpu")
     md = markdown_table(records, header)
     if accuracy_rows:
         acc_path = os.path.join(cfg.out, "accuracy.csv")
@@ -1153,7 +1212,11 @@ def cpu_max_batch(backend: str, shape: Shape, budget: int, cfg: Config, threads:
     reason = cpu_peak_supported()
     if reason:
         raise RuntimeError(reason)
-    b1, b2 = max(1, shape.batch // 2), max(2, shape.batch)
+    # Measure near the answer (the model's guess, capped at 4x the batch asked for) so the
+    # extrapolation is short, and far enough apart that page-level noise does not matter.
+    guess = costmodel.predict_max_batch(backend, shape, budget)
+    b2 = max(2, min(guess, 4 * shape.batch))
+    b1 = max(1, b2 // 4)
     totals = []
     for bb in (b1, b2):
         res = cpu_peaks_subprocess(backend, shape.with_batch(bb), ["full"], cfg.seed,
