@@ -903,8 +903,17 @@ def render_from_csv(path: str, out: Optional[str]) -> int:
                               r0.get("floor_source", ""), vers,
                               on_cpu=r0.get("peak_method", "") != "cuda-allocator"
                               and "cuda" not in r0.get("command", ""))
+    md = markdown_table(records, header)
+    for extra, render in (("accuracy.csv", accuracy_markdown), ("max_batch.csv", None)):
+        extra_path = os.path.join(os.path.dirname(os.path.abspath(path)), extra)
+        if os.path.isfile(extra_path):
+            with open(extra_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                md += "\n" + (render(rows) if render else
+                              max_batch_markdown(rows, int(rows[0]["budget_bytes"])))
     with open(os.path.join(out, "profile.md"), "w") as f:
-        f.write(markdown_table(records, header))
+        f.write(md)
     title = f"B={r0['batch']} F={r0['features']} {r0['dtype']} adj {r0['adj_dtype']} on {r0.get('device', '')}"
     paths = plot(records, out, title)
     print(terminal_table(records))
@@ -1162,18 +1171,24 @@ def measure_accuracy(cfg: Config, shape: Shape, backends: Dict[str, Backend]) ->
 
 
 def accuracy_markdown(rows: List[Dict[str, object]]) -> str:
+    """The error table, with each backend's link-loss error as a ratio to PyG's (same shape)."""
     names = ["out", "out_adj", "link_loss", "ent_loss", "grad_x", "grad_s"]
+    pyg_link = {r["nodes"]: float(r["err_link_loss"]) for r in rows
+                if r["backend"] == "pyg" and "error" not in r}
     lines = ["Error vs float64 reference (max |got - ref| / max |ref|):", "",
-             "| backend | B | N | C | " + " | ".join(names) + " |",
-             "|---|---|---|---|" + "---|" * len(names)]
+             "| backend | B | N | C | " + " | ".join(names) + " | PyG's link error / this |",
+             "|---|---|---|---|" + "---|" * (len(names) + 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['backend']} | {r['batch']} | {r['nodes']} | {r['clusters']} | "
                          f"error: {r['error']} |")
             continue
+        own = float(r["err_link_loss"])
+        ratio = (f"{pyg_link[r['nodes']] / own:.3g}" if r["nodes"] in pyg_link and own > 0
+                 else "")
         lines.append(f"| {BACKEND_LABELS.get(r['backend'], r['backend'])} | {r['batch']} | "
                      f"{r['nodes']} | {r['clusters']} | "
-                     + " | ".join(str(r[f'err_{n}']) for n in names) + " |")
+                     + " | ".join(str(r[f'err_{n}']) for n in names) + f" | {ratio} |")
     return "\n".join(lines) + "\n"
 
 

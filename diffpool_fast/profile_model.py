@@ -401,7 +401,8 @@ def _model_plot(records, out, dev_name) -> None:
         ax.set_xlabel("largest graph N (padded)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"DiffPool classifier training step on {dev_name}", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "model_vs_nodes.png"), dpi=110)

@@ -241,3 +241,30 @@ def test_gpu_script_command_line_parses():
     assert cfg.modes == ["fwd", "bwd", "full"]
     assert [s.nodes for s in cfg.shapes] == [128, 256, 512, 1024, 2048]
     assert all(s.clusters == 128 and s.batch == 64 and s.features == 128 for s in cfg.shapes)
+
+
+# ------------------------------------------------------------------------------ --model
+
+
+def test_model_profile_times_a_training_step(tmp_path, capsys):
+    import importlib.util
+
+    out = tmp_path / "model"
+    rc = cli.main(["profile", "--model", "--device", "cpu", "--backend", "torch,pyg,triton",
+                   "--batch", "4", "--nodes", "40", "--min-nodes", "20", "--features", "8",
+                   "--hidden", "16", "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    assert rc == 0
+    rows = {r["backend"]: r for r in _rows(out / "model_profile.csv")}
+    assert rows["triton"]["status"] == "skipped" and "CUDA" in rows["triton"]["reason"]
+    have_model = importlib.util.find_spec("diffpool_fast.model") is not None
+    have_baseline = importlib.util.find_spec("diffpool_fast.baselines") is not None
+    for name, present in (("torch", have_model), ("pyg", have_baseline)):
+        r = rows[name]
+        if not present:  # the model branch is not merged into this build
+            assert r["status"] == "skipped" and "diffpool_fast." in r["reason"]
+            continue
+        assert r["status"] == "ok", r
+        assert float(r["graphs_per_s"]) > 0 and int(r["repeats"]) == 2
+        assert r["peak_bytes"] != "" and int(r["params"]) > 0
+        assert r["min_nodes"] == "20" and r["max_nodes"] == "40"
+    assert "graphs/s" in capsys.readouterr().out
