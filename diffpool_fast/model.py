@@ -103,9 +103,11 @@ class DiffPool(nn.Module):
         clusters: C, the number of clusters (fixed: it is the assignment head's width).
         hidden: width of the hidden GNN layers (and of the embedding GNN's last layer).
         gnn, layers, jk, batch_norm: see :class:`DenseGNN`.
-        link_norm: ``normalize`` argument of ``dense_diff_pool`` for the link loss; default
-            ``"graph"``, each graph's ||A - SS^T||_F^2 over its own n^2 node pairs (the original
-            DiffPool scaling), averaged over graphs. ``True`` gives PyG's scaling.
+        link_norm: scaling of the auxiliary losses. ``"graph"`` (default): per graph,
+            ||A_b - S_b S_b^T||_F^2 / n_b^2 (squared error per real node pair) and the mean row
+            entropy over its n_b real nodes, each averaged over the graphs of the batch that have
+            a node; independent of padding. ``True``/``"numel"`` or ``False``/``"none"``: PyG's
+            batch-wide losses (``dense_diff_pool``'s ``normalize``), which depend on padding.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``dense_diff_pool``).
 
     ``forward(x, adj, mask)`` returns a :class:`DiffPoolOutput`.
@@ -140,9 +142,23 @@ class DiffPool(nn.Module):
     def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None) -> DiffPoolOutput:
         s = self.assign(x, adj, mask)
         z = self.embed(x, adj, mask)
-        out, out_adj, link, ent = dense_diff_pool(
-            z, adj, s, mask, normalize=self.link_norm, backend=self.backend
-        )
+        if self.link_norm == "graph":
+            # Per-graph losses averaged over the graphs that have nodes: unlike the batch-wide
+            # entropy (divided by B*N, padding included), this does not change with how far a
+            # batch is padded, so size-bucketed and fully padded batches train the same model.
+            out, out_adj, link_g, ent_g = dense_diff_pool(
+                z, adj, s, mask, normalize="graph", backend=self.backend, per_graph=True
+            )
+            if mask is None:
+                link, ent = link_g.mean(), ent_g.mean()
+            else:
+                real = mask.any(dim=1).to(link_g.dtype)
+                count = real.sum().clamp_min(1.0)
+                link, ent = (link_g * real).sum() / count, (ent_g * real).sum() / count
+        else:
+            out, out_adj, link, ent = dense_diff_pool(
+                z, adj, s, mask, normalize=self.link_norm, backend=self.backend
+            )
         return DiffPoolOutput(out, out_adj, link, ent, z, s)
 
 
