@@ -70,7 +70,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "profile",
         help="time, throughput and peak memory of dense coarsening, backend by backend",
-        description=__doc__.split("\n\n")[0] + " Writes CSV, markdown and PNG plots to --out.",
+        description=__doc__.split("\n\n")[0].replace("``", "")
+        + " Writes CSV, markdown and PNG plots to --out.",
     )
     p.add_argument("--batch", type=int, default=16, help="graphs per batch (default 16)")
     p.add_argument("--nodes", default="128,256,512,1024",
@@ -108,8 +109,9 @@ def register(sub) -> None:
                    help="only redraw profile.md and the plots from an earlier profile.csv "
                         "(into --out, default the CSV's folder)")
     p.add_argument("--model", action="store_true",
-                   help="time a training step of the full DiffPool classifier instead "
-                        "(see --graphs, --min-nodes, --steps)")
+                   help="time a training step (forward, backward, Adam) of the full DiffPool "
+                        "classifier instead: --nodes is the largest graph, --features the input "
+                        "channels; see also --graphs, --min-nodes, --classes, --hidden")
     p.add_argument("--graphs", type=int, default=None,
                    help="--model: graphs per batch (default: --batch)")
     p.add_argument("--min-nodes", type=int, default=None,
