@@ -367,7 +367,7 @@ def make_backend(name: str, device: str, shape: Optional[Shape] = None) -> Backe
             return Backend(name, reason="needs a CUDA GPU (on CPU Triton only runs under its "
                                         "interpreter, which is not a benchmark)")
         try:
-            from . import coarsen_triton
+            from . import coarsen_triton  # noqa: F401  (availability check)
         except ImportError as err:
             return Backend(name, reason=f"the Triton path is not in this build ({_first_line(err)})")
         return Backend(name, lambda x, adj, s, mask: dense_diff_pool(x, adj, s, mask, backend="triton"))

@@ -1,6 +1,5 @@
 """``diffpool-fast profile`` and the analytic cost model."""
 import csv
-import os
 
 import pytest
 import torch
