@@ -1,0 +1,437 @@
+"""Graph-classification data for DiffPool: TU datasets, a built-in generated dataset, dense
+batches with a mask, size-bucketed batching and stratified folds.
+
+Graphs are held as small per-graph tensors (features [n, F], edge list [2, E]); a batch is made
+dense only when it is used: ``x`` [B, N, F] float, ``adj`` [B, N, N] **bool** (1 byte per entry;
+the model converts it once), ``mask`` [B, N] bool, ``y`` [B]. N is the batch's own largest graph
+unless ``pad_to`` fixes it.
+
+TU datasets (``NAME_A.txt``, ``NAME_graph_indicator.txt``, ... in ``root/NAME/`` or
+``root/NAME/raw/``) are parsed by ``torch_geometric.datasets.TUDataset``. The source folder may be
+read-only: the raw files are linked into a writable cache (``cache_dir``, default
+``$DIFFPOOL_FAST_CACHE`` or ``~/.cache/diffpool_fast``) where TUDataset writes its processed file.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DatasetError",
+    "GraphDataset",
+    "DenseBatch",
+    "collate",
+    "DenseLoader",
+    "load_tu",
+    "make_synthetic",
+    "load_dataset",
+    "stratified_folds",
+    "stratified_split",
+    "default_data_root",
+    "default_cache_dir",
+    "DATA_ROOT_ENV",
+    "CACHE_ENV",
+]
+
+DATA_ROOT_ENV = "DIFFPOOL_FAST_DATA"
+CACHE_ENV = "DIFFPOOL_FAST_CACHE"
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be found or read; the message says what to do."""
+
+
+def default_data_root() -> str:
+    """``$DIFFPOOL_FAST_DATA`` if set, else ``./data``."""
+    return os.environ.get(DATA_ROOT_ENV) or "data"
+
+
+def default_cache_dir() -> str:
+    """``$DIFFPOOL_FAST_CACHE`` if set, else ``~/.cache/diffpool_fast``."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "diffpool_fast")
+
+
+class GraphDataset:
+    """Graphs as per-graph tensors: ``xs[i]`` [n_i, F] float32, ``edges[i]`` [2, E_i] int64
+    (both directions of an undirected edge), ``y`` [G] int64."""
+
+    def __init__(self, name: str, xs: List[Tensor], edges: List[Tensor], y: Tensor, num_classes: int, info: Optional[dict] = None):
+        if not (len(xs) == len(edges) == len(y)):
+            raise ValueError(f"xs, edges and y disagree in length: {len(xs)}, {len(edges)}, {len(y)}")
+        self.name = name
+        self.xs, self.edges = xs, edges
+        self.y = y.long()
+        self.num_classes = int(num_classes)
+        self.num_features = int(xs[0].shape[1]) if xs else 0
+        self.num_nodes = torch.tensor([x.shape[0] for x in xs], dtype=torch.long)
+        self.info = dict(info or {})
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    @property
+    def max_nodes(self) -> int:
+        return int(self.num_nodes.max()) if len(self) else 0
+
+    def subset(self, indices: Sequence[int]) -> "GraphDataset":
+        idx = [int(i) for i in indices]
+        return GraphDataset(self.name, [self.xs[i] for i in idx], [self.edges[i] for i in idx], self.y[idx], self.num_classes, self.info)
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "graphs": len(self),
+            "nodes": int(self.num_nodes.sum()),
+            "edges_directed": int(sum(e.shape[1] for e in self.edges)),
+            "max_nodes": self.max_nodes,
+            "mean_nodes": round(float(self.num_nodes.float().mean()), 2) if len(self) else 0.0,
+            "classes": self.num_classes,
+            "features": self.num_features,
+            **self.info,
+        }
+
+
+class DenseBatch(NamedTuple):
+    x: Tensor  # [B, N, F] float
+    adj: Tensor  # [B, N, N] bool
+    mask: Tensor  # [B, N] bool
+    y: Tensor  # [B] int64
+
+    def to(self, device) -> "DenseBatch":
+        return DenseBatch(*(t.to(device, non_blocking=True) for t in self))
+
+
+def collate(ds: GraphDataset, indices: Sequence[int], pad_to: Optional[int] = None) -> DenseBatch:
+    """Dense batch of graphs ``indices``, padded to the largest of them (or to ``pad_to``)."""
+    idx = [int(i) for i in indices]
+    sizes = [ds.xs[i].shape[0] for i in idx]
+    N = max(sizes) if sizes else 0
+    if pad_to is not None:
+        if N > pad_to:
+            raise ValueError(f"a graph has {N} nodes, more than pad_to={pad_to}")
+        N = pad_to
+    B, F = len(idx), ds.num_features
+    x = torch.zeros(B, N, F)
+    adj = torch.zeros(B, N, N, dtype=torch.bool)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    if B:
+        g_of_node = torch.repeat_interleave(torch.arange(B), torch.tensor(sizes))
+        pos = torch.cat([torch.arange(n) for n in sizes])
+        x[g_of_node, pos] = torch.cat([ds.xs[i] for i in idx])
+        mask[g_of_node, pos] = True
+        e = [ds.edges[i] for i in idx]
+        g_of_edge = torch.repeat_interleave(torch.arange(B), torch.tensor([t.shape[1] for t in e]))
+        ei = torch.cat(e, dim=1)
+        adj[g_of_edge, ei[0], ei[1]] = True
+    return DenseBatch(x, adj, mask, ds.y[idx])
+
+
+class DenseLoader:
+    """Dense batches over ``indices`` of a dataset.
+
+    - ``shuffle``: a new order every epoch, drawn from ``(seed, epoch)`` only, so an epoch's
+      batches are the same whether or not the run was interrupted before it.
+    - ``bucket``: size-bucketed batches. Training: the shuffled graphs are cut into chunks of
+      ``bucket_chunk`` batches, each chunk sorted by size and cut into batches, and the batch
+      order shuffled; evaluation: all graphs sorted by size. A batch then pads to its own
+      largest graph, not the dataset's.
+    - ``pad_to``: pad every batch to this many nodes (PyG's ``ToDense``); None pads each batch to
+      its own largest graph.
+
+    Batches of an unshuffled loader are built once and kept.
+    """
+
+    def __init__(
+        self,
+        ds: GraphDataset,
+        indices: Optional[Sequence[int]] = None,
+        *,
+        batch_size: int = 20,
+        shuffle: bool = False,
+        bucket: bool = True,
+        bucket_chunk: int = 16,
+        seed: int = 0,
+        pad_to: Optional[int] = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.ds = ds
+        self.indices = torch.as_tensor(list(range(len(ds))) if indices is None else list(indices), dtype=torch.long)
+        self.batch_size, self.shuffle, self.bucket = batch_size, shuffle, bucket
+        self.bucket_chunk, self.seed, self.pad_to = bucket_chunk, seed, pad_to
+        self._cached: Optional[List[DenseBatch]] = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.indices)
+
+    def batch_indices(self, epoch: int = 0) -> List[Tensor]:
+        idx, bs = self.indices, self.batch_size
+        sizes = self.ds.num_nodes
+        if not self.shuffle:
+            if self.bucket:
+                idx = idx[torch.argsort(sizes[idx], stable=True)]
+            return list(idx.split(bs))
+        g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(epoch))
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        if not self.bucket:
+            return list(idx.split(bs))
+        batches: List[Tensor] = []
+        for chunk in idx.split(bs * self.bucket_chunk):
+            chunk = chunk[torch.argsort(sizes[chunk], stable=True)]
+            batches.extend(chunk.split(bs))
+        order = torch.randperm(len(batches), generator=g)
+        return [batches[i] for i in order]
+
+    def epoch(self, epoch: int = 0) -> Iterator[DenseBatch]:
+        if not self.shuffle:
+            if self._cached is None:
+                self._cached = [collate(self.ds, b, self.pad_to) for b in self.batch_indices()]
+            yield from self._cached
+            return
+        for b in self.batch_indices(epoch):
+            yield collate(self.ds, b, self.pad_to)
+
+    def __iter__(self) -> Iterator[DenseBatch]:
+        return self.epoch(0)
+
+
+# --------------------------------------------------------------------------- TU datasets
+
+_TU_REQUIRED = ("A", "graph_indicator", "graph_labels")
+
+
+def _find_tu_source(root: Path, name: str) -> Optional[Path]:
+    for cand in (root / name / "raw", root / name, root):
+        if (cand / f"{name}_A.txt").is_file():
+            return cand
+    return None
+
+
+def _available(root: Path) -> List[str]:
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _find_tu_source(root, p.name) is not None)
+
+
+def _link_raw(src: Path, raw: Path, name: str) -> None:
+    raw.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if not (f.is_file() and f.name.startswith(name + "_") and f.suffix == ".txt"):
+            continue
+        dst = raw / f.name
+        if dst.exists() or dst.is_symlink():
+            continue
+        try:
+            os.symlink(f.resolve(), dst)
+        except OSError:  # filesystems without symlinks
+            shutil.copyfile(f, dst)
+
+
+def _degree_onehot(edges: Tensor, n: int, cap: int) -> Tensor:
+    deg = torch.bincount(edges[0], minlength=n).clamp_max(cap) if edges.numel() else torch.zeros(n, dtype=torch.long)
+    return torch.nn.functional.one_hot(deg, cap + 1).float()
+
+
+def load_tu(
+    name: str,
+    root: str,
+    *,
+    cache_dir: Optional[str] = None,
+    node_attr: bool = False,
+    download: bool = False,
+) -> GraphDataset:
+    """A TU dataset from ``root`` (``root/NAME/NAME_A.txt`` or ``root/NAME/raw/NAME_A.txt``).
+
+    Node features: one-hot node labels; with ``node_attr``, also the continuous node attributes,
+    standardised per column over all nodes of the dataset (no class labels involved); for a
+    dataset without node labels or attributes (IMDB-BINARY), one-hot degree capped at the
+    dataset's maximum degree. ``download`` lets TUDataset fetch a dataset missing from ``root``.
+    """
+    try:
+        from torch_geometric.datasets import TUDataset
+    except ImportError as err:  # pragma: no cover - dev extra installs it
+        raise DatasetError(f"TU datasets need torch_geometric ({err}); pip install torch_geometric") from err
+    rootp = Path(root).expanduser()
+    src = _find_tu_source(rootp, name)
+    if src is None and not download:
+        have = _available(rootp)
+        where = f"{rootp}/{name}/{name}_A.txt (or {rootp}/{name}/raw/)"
+        hint = f"; datasets there: {', '.join(have)}" if have else (
+            f"; {rootp} does not exist" if not rootp.exists() else f"; no TU dataset found in {rootp}"
+        )
+        raise DatasetError(
+            f"dataset {name!r} not found: expected {where}{hint}. Point --data-root at a folder of "
+            "TU datasets, or pass --download to fetch it"
+        )
+    if src is not None:
+        for part in _TU_REQUIRED:
+            if not (src / f"{name}_{part}.txt").is_file():
+                raise DatasetError(f"dataset {name!r}: missing file {src / f'{name}_{part}.txt'}")
+    cache = Path(cache_dir or default_cache_dir()).expanduser()
+    key = hashlib.sha1(str((src or rootp).resolve()).encode()).hexdigest()[:10]
+    tu_root = cache / "tu" / key
+    if src is not None:
+        _link_raw(src, tu_root / name / "raw", name)
+    try:
+        tu = TUDataset(str(tu_root), name, use_node_attr=node_attr)
+    except Exception as err:  # parse errors, download failures: one clear line
+        raise DatasetError(f"could not read TU dataset {name!r} from {src or rootp}: {type(err).__name__}: {err}") from err
+    y = tu.y.view(-1).long()
+    num_attr = tu.num_node_attributes if node_attr else 0
+    xs: List[Tensor] = []
+    edges: List[Tensor] = []
+    for i in range(len(tu)):
+        d = tu[i]
+        edges.append(d.edge_index.long())
+        xs.append(None if d.x is None else d.x.float())
+    info = {"node_input": "labels" + ("+attributes" if num_attr else "")}
+    if xs[0] is None or xs[0].shape[1] == 0:
+        cap = max(int(torch.bincount(e[0]).max()) if e.numel() else 0 for e in edges)
+        xs = [_degree_onehot(e, int(tu[i].num_nodes), cap) for i, e in enumerate(edges)]
+        info["node_input"] = f"one-hot degree (cap {cap})"
+    elif num_attr:
+        allx = torch.cat([x[:, :num_attr] for x in xs])
+        mean, std = allx.mean(0), allx.std(0).clamp_min(1e-6)
+        xs = [torch.cat([(x[:, :num_attr] - mean) / std, x[:, num_attr:]], dim=1) for x in xs]
+    num_classes = int(y.max()) + 1
+    return GraphDataset(name, xs, edges, y, num_classes, info)
+
+
+# --------------------------------------------------------------------------- generated dataset
+
+SYNTHETIC_CLASSES = ("chain", "star", "all-to-all")
+
+
+def make_synthetic(
+    num_graphs: int = 600,
+    *,
+    seed: int = 0,
+    communities=(6, 8),
+    community_size=(4, 8),
+    p_in: float = 0.7,
+    bridges=(2, 3),
+    degree_cap: int = 16,
+) -> GraphDataset:
+    """Graphs with planted communities whose class is how the communities are connected.
+
+    Each graph has k communities (k uniform in ``communities``) of ``community_size`` nodes,
+    dense inside (each pair an edge with probability ``p_in``, plus a path so a community is
+    connected). Communities are joined by bundles of ``bridges`` random edges along a
+    community-level graph that sets the class: 0 = chain (a path of communities), 1 = star (one
+    hub community joined to all others), 2 = all-to-all. Chain and star have the same number of
+    bundles, so telling them apart needs the arrangement of the communities (which community
+    carries the bundles), not the edge count. Node features: one-hot degree capped at
+    ``degree_cap``; node order is shuffled. Classes are balanced; a seed gives one dataset.
+    """
+    rng = np.random.default_rng(seed)
+    xs, edges, ys = [], [], []
+    for gi in range(num_graphs):
+        cls = gi % len(SYNTHETIC_CLASSES)
+        k = int(rng.integers(communities[0], communities[1] + 1))
+        sizes = rng.integers(community_size[0], community_size[1] + 1, size=k)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        n = int(sizes.sum())
+        und = set()
+        for s0, sz in zip(starts, sizes):
+            nodes = np.arange(s0, s0 + sz)
+            for a in range(sz - 1):
+                und.add((int(nodes[a]), int(nodes[a + 1])))
+            iu, ju = np.triu_indices(sz, 1)
+            keep = rng.random(len(iu)) < p_in
+            for a, b in zip(iu[keep], ju[keep]):
+                und.add((int(nodes[a]), int(nodes[b])))
+        if cls == 0:
+            pairs = [(c, c + 1) for c in range(k - 1)]
+        elif cls == 1:
+            pairs = [(0, c) for c in range(1, k)]
+        else:
+            pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+        perm = rng.permutation(k)  # which community plays which role
+        for a, b in pairs:
+            ca, cb = perm[a], perm[b]
+            for _ in range(int(rng.integers(bridges[0], bridges[1] + 1))):
+                u = int(starts[ca] + rng.integers(sizes[ca]))
+                v = int(starts[cb] + rng.integers(sizes[cb]))
+                und.add((min(u, v), max(u, v)))
+        relabel = rng.permutation(n)  # node order carries no community information
+        e = torch.tensor(sorted(und), dtype=torch.long).t()
+        e = torch.from_numpy(relabel)[e]
+        e = torch.cat([e, e.flip(0)], dim=1)
+        edges.append(e)
+        deg = torch.bincount(e[0], minlength=n).clamp_max(degree_cap)
+        xs.append(torch.nn.functional.one_hot(deg, degree_cap + 1).float())
+        ys.append(cls)
+    info = {"node_input": f"one-hot degree (cap {degree_cap})", "classes_meaning": list(SYNTHETIC_CLASSES), "seed": seed}
+    return GraphDataset("synthetic", xs, edges, torch.tensor(ys), len(SYNTHETIC_CLASSES), info)
+
+
+def load_dataset(
+    name: str,
+    root: Optional[str] = None,
+    *,
+    cache_dir: Optional[str] = None,
+    node_attr: bool = False,
+    download: bool = False,
+    synthetic_graphs: int = 600,
+    seed: int = 0,
+) -> GraphDataset:
+    """``"synthetic"`` (generated, from ``seed``) or a TU dataset by name from ``root``."""
+    if name.lower() == "synthetic":
+        return make_synthetic(synthetic_graphs, seed=seed)
+    return load_tu(name, root or default_data_root(), cache_dir=cache_dir, node_attr=node_attr, download=download)
+
+
+# --------------------------------------------------------------------------- splits
+
+def stratified_folds(y: Tensor, k: int, seed: int = 0) -> List[Tensor]:
+    """K disjoint test folds covering every graph, each with (nearly) the class proportions of y.
+
+    Each class's graphs are shuffled and dealt round-robin, continuing where the previous class
+    stopped so the fold sizes differ by at most one.
+    """
+    y = torch.as_tensor(y).long()
+    if k < 2:
+        raise ValueError(f"k must be at least 2 for cross-validation, got {k}")
+    if k > len(y):
+        raise ValueError(f"k={k} folds need at least {k} graphs, got {len(y)}")
+    g = torch.Generator().manual_seed(int(seed))
+    fold_of = torch.empty(len(y), dtype=torch.long)
+    offset = 0
+    for c in torch.unique(y):
+        members = torch.nonzero(y == c).view(-1)
+        members = members[torch.randperm(len(members), generator=g)]
+        fold_of[members] = (torch.arange(len(members)) + offset) % k
+        offset = (offset + len(members)) % k
+    return [torch.nonzero(fold_of == f).view(-1) for f in range(k)]
+
+
+def stratified_split(indices: Tensor, y: Tensor, fraction: float, seed: int = 0):
+    """Split ``indices`` into (rest, held_out) with about ``fraction`` of each class held out
+    (at least one graph of a class with two or more)."""
+    indices = torch.as_tensor(indices).long()
+    y = torch.as_tensor(y).long()
+    g = torch.Generator().manual_seed(int(seed))
+    held, rest = [], []
+    for c in torch.unique(y[indices]):
+        members = indices[y[indices] == c]
+        members = members[torch.randperm(len(members), generator=g)]
+        m = int(round(fraction * len(members)))
+        if len(members) >= 2:
+            m = min(max(m, 1), len(members) - 1)
+        else:
+            m = 0
+        held.append(members[:m])
+        rest.append(members[m:])
+    return torch.sort(torch.cat(rest)).values, torch.sort(torch.cat(held)).values

@@ -1,0 +1,310 @@
+"""DiffPool models: one coarsening level (:class:`DiffPool`) and a hierarchical graph classifier
+(:class:`DiffPoolClassifier`), built on :func:`diffpool_fast.dense_diff_pool`.
+
+Shapes: x [B, N, F], adj [B, N, N] (float, or bool/uint8 for a binary input graph), mask [B, N]
+(True = real node, or None). After a pooling level every one of the C clusters is a real node,
+so levels >= 1 run without a mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import LAYER_TYPES, MaskedBatchNorm, make_layer
+from .pool import dense_diff_pool
+
+__all__ = ["DenseGNN", "DiffPool", "DiffPoolOutput", "DiffPoolClassifier", "cluster_counts", "READOUTS"]
+
+READOUTS = ("mean", "max", "sum")
+
+
+def cluster_counts(max_nodes: int, num_levels: int, ratio: float = 0.25) -> List[int]:
+    """Clusters per level from the padded node count: C_1 = ceil(ratio * max_nodes),
+    C_{l+1} = ceil(ratio * C_l), at least 1 (PyG's example and the DiffPool paper)."""
+    if max_nodes < 1:
+        raise ValueError(f"max_nodes must be at least 1, got {max_nodes}")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    counts, n = [], max_nodes
+    for _ in range(num_levels):
+        n = max(1, math.ceil(ratio * n))
+        counts.append(n)
+    return counts
+
+
+class DenseGNN(nn.Module):
+    """``layers`` dense GNN layers, each followed by ReLU and batch norm over real nodes.
+
+    Widths: in -> hidden -> ... -> hidden -> out. With ``jk`` (jumping knowledge, as in the
+    DiffPool paper and PyG's example) the output is the concatenation of every layer's output,
+    ``hidden * (layers - 1) + out`` channels; otherwise the last layer's. ``lin_out`` adds a
+    final linear map to that many channels (used for assignment logits; no activation after it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int,
+        out_channels: int,
+        *,
+        layers: int = 3,
+        gnn: str = "sage",
+        jk: bool = True,
+        batch_norm: bool = True,
+        lin_out: Optional[int] = None,
+    ):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"layers must be at least 1, got {layers}")
+        if gnn not in LAYER_TYPES:
+            raise ValueError(f"gnn must be one of {LAYER_TYPES}, got {gnn!r}")
+        widths = [in_channels] + [hidden] * (layers - 1) + [out_channels]
+        self.convs = nn.ModuleList(make_layer(gnn, a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.norms = nn.ModuleList(MaskedBatchNorm(b) for b in widths[1:]) if batch_norm else None
+        self.jk = jk
+        cat = sum(widths[1:]) if jk else out_channels
+        self.lin = nn.Linear(cat, lin_out) if lin_out is not None else None
+        self.out_channels = lin_out if lin_out is not None else cat
+
+    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        outs = []
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(x, adj, mask))
+            if self.norms is not None:
+                x = self.norms[i](x, mask)
+            outs.append(x)
+        x = torch.cat(outs, dim=-1) if self.jk and len(outs) > 1 else outs[-1]
+        if self.lin is not None:
+            x = self.lin(x)
+            if mask is not None:
+                x = x * mask.unsqueeze(-1).to(x.dtype)
+        return x
+
+
+class DiffPoolOutput(NamedTuple):
+    x: Tensor  # pooled features S^T Z [B, C, F]
+    adj: Tensor  # pooled adjacency S^T A S [B, C, C]
+    link_loss: Tensor  # scalar (see DiffPool.link_norm)
+    ent_loss: Tensor  # scalar, mean row entropy of S
+    embedding: Tensor  # Z [B, N, F], before pooling
+    assignment: Tensor  # assignment logits [B, N, C] (softmax is applied inside the pooling)
+
+
+class DiffPool(nn.Module):
+    """One DiffPool level: an embedding GNN gives Z, an assignment GNN gives logits s, and
+    ``dense_diff_pool`` coarsens to X' = S^T Z, A' = S^T A S with S = mask * softmax(s).
+
+    Args:
+        in_channels: input node features.
+        clusters: C, the number of clusters (fixed: it is the assignment head's width).
+        hidden: width of the hidden GNN layers (and of the embedding GNN's last layer).
+        gnn, layers, jk, batch_norm: see :class:`DenseGNN`.
+        link_norm: scaling of the auxiliary losses. ``"graph"`` (default): per graph,
+            ||A_b - S_b S_b^T||_F^2 / n_b^2 (squared error per real node pair) and the mean row
+            entropy over its n_b real nodes, each averaged over the graphs of the batch that have
+            a node; independent of padding. ``True``/``"numel"`` or ``False``/``"none"``: PyG's
+            batch-wide losses (``dense_diff_pool``'s ``normalize``), which depend on padding.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``dense_diff_pool``).
+
+    ``forward(x, adj, mask)`` returns a :class:`DiffPoolOutput`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        clusters: int,
+        *,
+        hidden: int = 64,
+        gnn: str = "sage",
+        layers: int = 3,
+        jk: bool = True,
+        batch_norm: bool = True,
+        link_norm: Union[bool, str] = "graph",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if clusters < 1:
+            raise ValueError(f"clusters must be at least 1, got {clusters}")
+        kw = dict(layers=layers, gnn=gnn, jk=jk, batch_norm=batch_norm)
+        self.embed = DenseGNN(in_channels, hidden, hidden, **kw)
+        # As in the DiffPool code and PyG's example: the assignment GNN's last layer already has
+        # C channels, then a linear map of the concatenated layers gives the logits.
+        self.assign = DenseGNN(in_channels, hidden, clusters, lin_out=clusters, **kw)
+        self.clusters = clusters
+        self.out_channels = self.embed.out_channels
+        self.link_norm = link_norm
+        self.backend = backend
+
+    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None) -> DiffPoolOutput:
+        s = self.assign(x, adj, mask)
+        z = self.embed(x, adj, mask)
+        if self.link_norm == "graph":
+            # Per-graph losses averaged over the graphs that have nodes: unlike the batch-wide
+            # entropy (divided by B*N, padding included), this does not change with how far a
+            # batch is padded, so size-bucketed and fully padded batches train the same model.
+            out, out_adj, link_g, ent_g = dense_diff_pool(
+                z, adj, s, mask, normalize="graph", backend=self.backend, per_graph=True
+            )
+            if mask is None:
+                link, ent = link_g.mean(), ent_g.mean()
+            else:
+                real = mask.any(dim=1).to(link_g.dtype)
+                count = real.sum().clamp_min(1.0)
+                link, ent = (link_g * real).sum() / count, (ent_g * real).sum() / count
+        else:
+            out, out_adj, link, ent = dense_diff_pool(
+                z, adj, s, mask, normalize=self.link_norm, backend=self.backend
+            )
+        return DiffPoolOutput(out, out_adj, link, ent, z, s)
+
+
+def _readout(x: Tensor, mask: Optional[Tensor], how: str) -> Tensor:
+    if mask is None:
+        if how == "mean":
+            return x.mean(dim=1)
+        if how == "sum":
+            return x.sum(dim=1)
+        return x.max(dim=1).values
+    m = mask.unsqueeze(-1)
+    if how == "max":
+        vals = x.masked_fill(~m, float("-inf")).max(dim=1).values
+        return torch.where(mask.any(dim=1, keepdim=True), vals, torch.zeros_like(vals))
+    total = (x * m.to(x.dtype)).sum(dim=1)
+    if how == "sum":
+        return total
+    return total / mask.sum(dim=1, keepdim=True).clamp_min(1).to(x.dtype)
+
+
+class DiffPoolClassifier(nn.Module):
+    """Hierarchical DiffPool graph classifier.
+
+    Architecture: ``num_levels`` :class:`DiffPool` levels, then an embedding GNN on the last
+    coarsened graph, a readout, and an MLP head ``Linear(d, hidden) -> ReLU -> dropout ->
+    Linear(hidden, num_classes)``. With ``num_levels=2, ratio=0.25, hidden=64, layers=3,
+    gnn="sage", jk=True, readout="mean", readout_levels="last"`` it is PyG's DiffPool example
+    (``examples/proteins_diff_pool.py``), except that batch norm ignores padding rows, the
+    assignment logits have no ReLU, and the auxiliary losses are used.
+
+    Args:
+        in_channels: node input features; num_classes: classes.
+        max_nodes: the padded node count the cluster counts derive from (the largest graph the
+            model is meant for, e.g. the dataset's maximum). Cluster counts are fixed at
+            construction because they are parameter shapes; a batch may pad to fewer nodes
+            (size-bucketed batching) and still pools into the same C clusters.
+        num_levels: pooling levels (>= 0; 0 gives a plain GNN with readout).
+        ratio: C_1 = ceil(ratio * max_nodes), C_{l+1} = ceil(ratio * C_l). Ignored when
+            ``clusters`` is given.
+        clusters: explicit clusters per level (its length sets ``num_levels``).
+        hidden: GNN and head width. gnn: ``"sage"``, ``"gcn"`` or ``"gin"``. layers: GNN layers
+            per block. jk: concatenate the layer outputs of each GNN block.
+        readout: ``"mean"``, ``"max"`` or ``"sum"`` over nodes. readout_levels: ``"last"`` reads
+            out only the final embedding; ``"all"`` concatenates the readouts of the input
+            level's embedding and of every coarsened level (the DiffPool code's ``concat``).
+        dropout: dropout on the readout and in the head. batch_norm: masked batch norm after
+            every GNN layer.
+        link_weight, ent_weight: weights of the auxiliary losses.
+        link_norm: link-loss scaling passed to ``dense_diff_pool`` (default ``"graph"``).
+        backend: coarsening backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    ``forward(x, adj, mask=None)`` returns ``(logits [B, num_classes], aux)`` with
+    ``aux = link_weight * sum_l link_l + ent_weight * sum_l ent_l`` summed over the pooling
+    levels (a 0-dim tensor; 0 when ``num_levels == 0``). The training loss is
+    ``cross_entropy(logits, y) + aux``. ``forward(..., return_terms=True)`` also returns a dict
+    with the unweighted ``link`` and ``ent`` sums (tensors).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        max_nodes: int,
+        num_levels: int = 2,
+        ratio: float = 0.25,
+        clusters: Optional[Sequence[int]] = None,
+        hidden: int = 64,
+        gnn: str = "sage",
+        layers: int = 3,
+        jk: bool = True,
+        readout: str = "mean",
+        readout_levels: str = "last",
+        dropout: float = 0.0,
+        batch_norm: bool = True,
+        link_weight: float = 1.0,
+        ent_weight: float = 1.0,
+        link_norm: Union[bool, str] = "graph",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if in_channels < 1 or num_classes < 1:
+            raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels}, {num_classes}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        if readout_levels not in ("last", "all"):
+            raise ValueError(f"readout_levels must be 'last' or 'all', got {readout_levels!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if clusters is None:
+            if num_levels < 0:
+                raise ValueError(f"num_levels must be >= 0, got {num_levels}")
+            clusters = cluster_counts(max_nodes, num_levels, ratio)
+        else:
+            clusters = [int(c) for c in clusters]
+            if any(c < 1 for c in clusters):
+                raise ValueError(f"clusters must all be >= 1, got {clusters}")
+        self.clusters = list(clusters)
+        self.max_nodes = max_nodes
+        kw = dict(hidden=hidden, gnn=gnn, layers=layers, jk=jk, batch_norm=batch_norm)
+        self.levels = nn.ModuleList()
+        width = in_channels
+        for c in self.clusters:
+            level = DiffPool(width, c, link_norm=link_norm, backend=backend, **kw)
+            self.levels.append(level)
+            width = level.out_channels
+        self.final = DenseGNN(width, hidden, hidden, layers=layers, gnn=gnn, jk=jk, batch_norm=batch_norm)
+        self.readout, self.readout_levels = readout, readout_levels
+        read_dim = self.final.out_channels
+        if readout_levels == "all":
+            read_dim += sum(level.out_channels for level in self.levels)
+        self.head = nn.Sequential(
+            nn.Linear(read_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        )
+        self.dropout = dropout
+        self.link_weight, self.ent_weight = float(link_weight), float(ent_weight)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None, *, return_terms: bool = False):
+        if x.dim() == 2:
+            x, adj = x.unsqueeze(0), adj.unsqueeze(0)
+            mask = mask.reshape(1, -1) if mask is not None else None
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask != 0
+        # One conversion of a byte adjacency for all the layers and the pooling of level 0.
+        if not adj.is_floating_point():
+            adj = adj.to(x.dtype)
+        reads = []
+        link = x.new_zeros(())
+        ent = x.new_zeros(())
+        for level in self.levels:
+            out = level(x, adj, mask)
+            if self.readout_levels == "all":
+                reads.append(_readout(out.embedding, mask, self.readout))
+            x, adj, mask = out.x, out.adj, None
+            link = link + out.link_loss
+            ent = ent + out.ent_loss
+        z = self.final(x, adj, mask)
+        reads.append(_readout(z, mask, self.readout))
+        h = torch.cat(reads, dim=-1) if len(reads) > 1 else reads[0]
+        h = F.dropout(h, self.dropout, self.training)
+        logits = self.head(h)
+        aux = self.link_weight * link + self.ent_weight * ent
+        if return_terms:
+            return logits, aux, {"link": link, "ent": ent}
+        return logits, aux

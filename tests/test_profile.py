@@ -1,0 +1,269 @@
+"""``diffpool-fast profile`` and the analytic cost model."""
+import csv
+
+import pytest
+import torch
+
+from diffpool_fast import cli, costmodel
+from diffpool_fast.costmodel import Shape
+from diffpool_fast.profile import (
+    build_config,
+    clusters_for,
+    cpu_peak_supported,
+    cpu_peaks_subprocess,
+    make_backend,
+    measure_cpu_peak,
+    parse_bytes,
+)
+
+MiB = 1 << 20
+needs_proc = pytest.mark.skipif(cpu_peak_supported() is not None, reason="needs Linux /proc")
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------ floor (hand count)
+
+
+def test_floor_matches_hand_count():
+    # B=2 graphs, N=10 nodes, C=3 clusters, F=4 features, fp32 x/s (4 bytes), bool adj (1 byte),
+    # with a mask (1 byte per node), symmetric adjacency.
+    sh = Shape(2, 10, 3, 4, "float32", "bool", masked=True)
+    # forward: A 2*10*10*1=200, L 2*10*3*4=240, X 2*10*4*4=320, mask 2*10=20,
+    # S and AS 2*240=480, out 2*3*4*4=96, A' 2*3*3*4=72
+    assert costmodel.floor_bytes(sh, "fwd") == 200 + 240 + 320 + 20 + 480 + 96 + 72 == 1428
+    # backward: read S, AS 480, X 320, g_out 96, G 72; write dL 240, dX 320
+    assert costmodel.floor_bytes(sh, "bwd") == 480 + 320 + 96 + 72 + 240 + 320 == 1528
+    assert costmodel.floor_bytes(sh, "full") == 1428 + 1528
+    # FLOPs forward: AS 2*2*100*3=1200, S^T(AS) 2*2*10*9=360, S^TS 360, S^TX 2*2*10*3*4=480
+    assert costmodel.floor_flops(sh, "fwd") == 1200 + 360 + 360 + 480 == 2400
+    # backward: X g_out^T 480, S g_out 480, AS(G+G^T) 360, S(S^TS) 360
+    assert costmodel.floor_flops(sh, "bwd") == 1680
+    # an asymmetric adjacency is read again in backward, for A^T S (2*2*100*3 FLOPs)
+    asym = Shape(2, 10, 3, 4, "float32", "bool", masked=True, symmetric=False)
+    assert costmodel.floor_bytes(asym, "bwd") == 1528 + 200
+    assert costmodel.floor_flops(asym, "bwd") == 1680 + 1200
+    # without a mask, and with an fp32 adjacency (4 bytes per entry)
+    nomask = Shape(2, 10, 3, 4, "float32", "float32", masked=False)
+    assert costmodel.floor_bytes(nomask, "fwd") == 800 + 240 + 320 + 480 + 96 + 72
+
+
+def test_floor_time_on_h100_is_the_roofline():
+    spec = costmodel.known_device("NVIDIA H100 80GB HBM3")
+    assert spec.bandwidth == 3.35e12 and spec.rate("float32") == 495e12
+    assert costmodel.known_device("NVIDIA H200").bandwidth == 4.8e12
+    assert costmodel.known_device("Some Unknown GPU") is None
+    # B=64, N=1024, C=128, F=128 fp32, no mask: A 64*1024*1024*4 = 268,435,456 bytes; L and X
+    # 64*1024*256*4 = 67,108,864; S and AS the same again; out and A' 64*128*256*4 = 8,388,608.
+    # 411,041,792 bytes take 122.7 us at 3.35 TB/s; the 21.5 GFLOP (AS 17.2, S^T AS and S^T S
+    # 2.1 each, S^T X 2.1) take 43 us at 495 TF/s: bandwidth-bound.
+    sh = Shape(64, 1024, 128, 128, masked=False)
+    assert costmodel.floor_bytes(sh, "fwd") == 268_435_456 + 2 * 67_108_864 + 8_388_608
+    t = costmodel.floor_time(sh, "fwd", spec)
+    assert t == pytest.approx(411_041_792 / 3.35e12)
+    assert costmodel.floor_flops(sh, "fwd") / 495e12 < t
+
+
+def test_memory_model_pyg_holds_nxn_ours_does_not():
+    sh = Shape(16, 2048, 128, 64)
+    n2 = 16 * 2048 * 2048 * 4
+    pyg = costmodel.memory_model("pyg", sh, "full")
+    ours = costmodel.memory_model("torch", sh, "full")
+    assert pyg.peak >= 3 * n2 and pyg.saved >= n2
+    assert ours.peak < n2 and ours.peak < pyg.peak / 5
+    assert costmodel.memory_model("triton", sh, "full").peak <= ours.peak
+    assert costmodel.predict_max_batch("torch", sh, 8 << 30) > 2 * costmodel.predict_max_batch(
+        "pyg", sh, 8 << 30)
+
+
+# ------------------------------------------------------------------------------ peak measurement
+
+
+@needs_proc
+def test_cpu_peak_measures_a_known_allocation():
+    def work():
+        a = torch.ones(16 * MiB)  # 64 MiB, alive at the peak
+        b = torch.ones(8 * MiB)  # 32 MiB more
+        del b
+        c = torch.ones(4 * MiB)  # 16 MiB after b is gone: the peak stays 96 MiB
+        return a, c
+
+    peak = measure_cpu_peak(work)
+    assert abs(peak - 96 * MiB) < 4 * MiB, peak / MiB
+
+
+@needs_proc
+def test_memory_model_agrees_with_measured_peaks():
+    # N x N = 4.5 MiB per batch in fp32: PyG's 3 N x N in backward dominate; ours has none.
+    sh = Shape(8, 384, 48, 16)
+    for backend in ("torch", "pyg"):
+        res = cpu_peaks_subprocess(backend, sh, ["fwd", "full"], 0, 0.05, 1)
+        assert "error" not in res, res
+        for mode in ("fwd", "full"):
+            model = costmodel.memory_model(backend, sh, mode).peak
+            assert abs(res[mode] - model) <= 0.25 * model + MiB, (backend, mode, res[mode], model)
+    assert res["full"] > 3 * 8 * 384 * 384 * 4  # pyg's residual and its gradients
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def test_profile_small_sweep_writes_csv_markdown_and_plots(tmp_path, capsys):
+    out = tmp_path / "prof"
+    rc = cli.main(["profile", "--device", "cpu", "--backend", "torch,pyg,triton", "--mode",
+                   "fwd,full", "--batch", "2", "--nodes", "24,40", "--clusters", "0.25",
+                   "--features", "8", "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "ours (torch)" in text and "PyG" in text and "% floor" in text
+    rows = _rows(out / "profile.csv")
+    assert len(rows) == 2 * 2 * 3  # nodes x modes x backends
+    for r in rows:
+        assert r["device"] and r["torch"] == torch.__version__ and r["python"]
+        assert "profile" in r["command"]
+        if r["backend"] == "triton":
+            # no GPU here: skipped with the reason, not timed
+            assert r["status"] == "skipped" and "CUDA" in r["reason"] and r["time_ms"] == ""
+            continue
+        assert r["status"] == "ok", r
+        assert float(r["time_ms"]) > 0 and int(r["repeats"]) == 2
+        assert float(r["floor_ms"]) > 0 and float(r["pct_of_floor"]) > 0
+        assert r["peak_bytes"] != "" and r["peak_method"] == "rss-hwm-subprocess"
+        assert int(r["clusters"]) == {24: 6, 40: 10}[int(r["nodes"])]
+        if r["backend"] == "pyg":
+            assert float(r["speedup_vs_pyg"]) == 1.0
+        else:
+            assert float(r["speedup_vs_pyg"]) > 0
+    for name in ("time_vs_nodes.png", "peak_memory_vs_nodes.png"):
+        with open(out / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| ours (torch) | full | 2 | 40 |" in (out / "profile.md").read_text()
+
+
+def test_max_batch_on_cpu_is_sane(tmp_path, capsys):
+    out = tmp_path / "mb"
+    budget = 96 * MiB
+    rc = cli.main(["profile", "--device", "cpu", "--backend", "torch,pyg", "--mode", "full",
+                   "--batch", "4", "--nodes", "256", "--clusters", "32", "--features", "16",
+                   "--repeats", "1", "--warmup", "0", "--no-memory", "--max-batch", "96MiB",
+                   "--out", str(out)])
+    assert rc == 0
+    assert "Largest batch" in capsys.readouterr().out
+    rows = {r["backend"]: r for r in _rows(out / "max_batch.csv")}
+    ours, pyg = int(rows["torch"]["max_batch"]), int(rows["pyg"]["max_batch"])
+    # per graph: adj 256 KiB; PyG holds ~3 more N x N in backward, ours none
+    assert pyg >= 1 and ours > 2 * pyg
+    for r in rows.values():
+        fit = int(r["fixed_bytes"]) + int(r["per_graph_bytes"]) * int(r["max_batch"])
+        assert fit <= budget
+        assert fit + int(r["per_graph_bytes"]) > budget
+        model = int(r["model_max_batch"])
+        assert model / 2 <= int(r["max_batch"]) <= model * 2, r
+
+
+# ------------------------------------------------------------------------------ unavailable
+
+
+def test_unavailable_backends_are_skipped_with_a_reason(monkeypatch):
+    b = make_backend("triton", "cpu")
+    assert not b.available and "CUDA" in b.reason
+
+    def broken_compile(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    b = make_backend("compile", "cpu")
+    assert not b.available and "torch.compile failed" in b.reason and "C++" in b.reason
+
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_geometric.nn", None)
+    for name in ("pyg", "compile"):
+        b = make_backend(name, "cpu")
+        assert not b.available and "torch_geometric is not installed" in b.reason
+    assert make_backend("torch", "cpu").available
+
+
+# ------------------------------------------------------------------------------ bad arguments
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--nodes", "-5"], ["--nodes", "-5"]),
+        (["--nodes", "64,x"], ["--nodes", "64,x"]),
+        (["--nodes", "64", "--clusters", "100"], ["--clusters 100", "--nodes 64"]),
+        (["--clusters", "1.5"], ["--clusters", "1.5"]),
+        (["--backend", "torch,tensorflow"], ["backend", "tensorflow"]),
+        (["--mode", "sideways"], ["mode", "sideways"]),
+        (["--dtype", "int8"], ["--dtype", "int8"]),
+        (["--adj-dtype", "int32"], ["--adj-dtype", "int32"]),
+        (["--batch", "0"], ["--batch", "0"]),
+        (["--features", "-1"], ["--features", "-1"]),
+        (["--repeats", "0"], ["--repeats"]),
+        (["--max-batch", "lots"], ["--max-batch", "lots"]),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_a_clear_message(argv, words, capsys, tmp_path):
+    rc = cli.main(["profile", "--device", "cpu", "--out", str(tmp_path / "x")] + argv)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffpool-fast profile: error:") and len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_device_cuda_without_cuda_is_an_error(capsys):
+    assert cli.main(["profile", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_parsers():
+    assert parse_bytes("8GiB") == 8 << 30 and parse_bytes("500MB") == 500_000_000
+    assert parse_bytes("1e9") == 10**9 and parse_bytes("1048576") == 1 << 20
+    assert clusters_for(512, "0.25") == 128 and clusters_for(512, "128") == 128
+    assert clusters_for(10, "0.01") == 1
+
+
+def test_gpu_script_command_line_parses():
+    # bench/gpu.sh's exact arguments (there with --device cuda); here the same on CPU.
+    p = cli.build_parser()
+    args = p.parse_args(
+        "profile --device cpu --backend all --mode fwd,bwd,full --batch 64 "
+        "--nodes 128,256,512,1024,2048 --clusters 128 --features 128 --out /tmp/x".split())
+    cfg = build_config(args)
+    assert cfg.backends == ["torch", "pyg", "compile", "triton"]
+    assert cfg.modes == ["fwd", "bwd", "full"]
+    assert [s.nodes for s in cfg.shapes] == [128, 256, 512, 1024, 2048]
+    assert all(s.clusters == 128 and s.batch == 64 and s.features == 128 for s in cfg.shapes)
+
+
+# ------------------------------------------------------------------------------ --model
+
+
+def test_model_profile_times_a_training_step(tmp_path, capsys):
+    import importlib.util
+
+    out = tmp_path / "model"
+    rc = cli.main(["profile", "--model", "--device", "cpu", "--backend", "torch,pyg,triton",
+                   "--batch", "4", "--nodes", "40", "--min-nodes", "20", "--features", "8",
+                   "--hidden", "16", "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    assert rc == 0
+    rows = {r["backend"]: r for r in _rows(out / "model_profile.csv")}
+    assert rows["triton"]["status"] == "skipped" and "CUDA" in rows["triton"]["reason"]
+    have_model = importlib.util.find_spec("diffpool_fast.model") is not None
+    have_baseline = importlib.util.find_spec("diffpool_fast.baselines") is not None
+    for name, present in (("torch", have_model), ("pyg", have_baseline)):
+        r = rows[name]
+        if not present:  # the model branch is not merged into this build
+            assert r["status"] == "skipped" and "diffpool_fast." in r["reason"]
+            continue
+        assert r["status"] == "ok", r
+        assert float(r["graphs_per_s"]) > 0 and int(r["repeats"]) == 2
+        assert r["peak_bytes"] != "" and int(r["params"]) > 0
+        assert r["min_nodes"] == "20" and r["max_nodes"] == "40"
+    assert "graphs/s" in capsys.readouterr().out
