@@ -96,7 +96,8 @@ class CoarsenTorch(torch.autograd.Function):
         trace = torch.diagonal(out_adj, dim1=1, dim2=2).sum(-1, dtype=f64)
         raw = adjacency_sq_norm(adj) - 2.0 * trace + StS.to(f64).square().sum(dim=(1, 2))
         link_sq = raw.clamp_min(0.0)
-        ent_sum = -(S * torch.log(S + EPS)).sum(dim=(1, 2), dtype=f64)
+        # Row sums of C terms in fp32, the N rows of a graph in float64: no float64 copy of S.
+        ent_sum = -(S * torch.log(S + EPS)).sum(-1).sum(-1, dtype=f64)
         ctx.save_for_backward(xc, adj, P, S, AS, StS, raw > 0, mask)
         ctx.dtypes = (x.dtype, adj.dtype, s.dtype)
         ctx.symmetric = symmetric

@@ -272,9 +272,11 @@ def memory_model(backend: str, shape: Shape, mode: str) -> MemoryEstimate:
     - ``compile`` (torch.compile of PyG's function): the matmul S Sᵀ is still materialised (n2),
       the residual is fused into the reduction, and one N x N tensor is alive at a time in
       backward too. Fitted to CPU measurements with torch 2.13: Inductor's choices vary.
-    - ``torch`` (our lean path): no N x N tensor. Saves softmax(s), S, AS, S+eps, log(S+eps)
-      (5·nc); transients of 3·nc (a product and its float64 copy for the float64 sums). A non-compute-dtype adjacency is converted at most 64 MiB
-      at a time (plus an int64 copy for a uint8 adjacency's norm).
+    - ``torch`` (our lean path, coarsen_torch.CoarsenTorch): no N x N tensor. Saves softmax(s),
+      S (the same tensor when there is no mask) and AS: 3·nc; forward transients S+eps and
+      log(S+eps) (2·nc); backward transients W, dS and the entropy and softmax terms (4·nc). A
+      non-compute-dtype adjacency is converted at most 64 MiB at a time (plus an int64 copy for
+      a uint8 adjacency's norm).
     - ``triton``: the fused kernels keep S and AS (2·nc) as MATH.md prescribes, and write dL, dX.
 
     Leaf gradients (x.grad: nf, s.grad: nc) count in the bwd and full peaks.
@@ -326,13 +328,10 @@ def memory_model(backend: str, shape: Shape, mode: str) -> MemoryEstimate:
         if shape.adj_dtype == "uint8":
             per_graph = N * N * 8
             norm_tmp = 2 * min(B, max(1, _TORCH_CONVERT_CHUNK // per_graph)) * per_graph
-        saved = {"softmax(s)": nc, "S": nc, "AS": nc, "S+eps, log(S+eps)": 2 * nc,
-                 "outputs": small}
+        saved = {"softmax(s)": nc, "S": nc if shape.masked else 0, "AS": nc, "outputs": small}
         saved_total = sum(saved.values())
-        # forward transients: a B·N·C product and its float64 copy for the float64 sums of the
-        # trace and entropy terms (3·nc); backward: two B·N·C gradients at a time.
-        fwd_peak = saved_total + max(3 * nc, convert, norm_tmp)
-        bwd_peak = saved_total + max(2 * nc, convert) + grads
+        fwd_peak = saved_total + max(2 * nc, convert, norm_tmp)
+        bwd_peak = saved_total + max(4 * nc, convert) + grads
         terms = dict(saved, **{"adj chunk converted": convert})
     else:  # triton
         saved = {"S": nc, "AS": nc, "outputs": small}
