@@ -3,11 +3,11 @@
 Forward, four launches (kernels/):
 
 1. ``assignment_fwd``: S = m * softmax(s) and the per-graph entropy sum (row pass);
-2. ``adjacency_fwd``: A S, ||A||^2, tr(S^T A S) and, when a gradient into s is coming and the
+2. ``adjacency_fwd``: A S, ||A||^2 and, when a gradient into s is coming and the
    caller did not say, whether each A_b is symmetric (the one read of A);
 3. ``gram_fwd`` three times: out = S^T X, A' = S^T (A S), S^T S.
 
-link_sq = ||A||^2 - 2 tr(S^T A S) + ||S^T S||^2, summed per graph in float64 and clamped at 0
+link_sq = ||A||^2 - 2 tr(A') + ||S^T S||^2 (tr(S^T A S) = tr(A')), summed per graph in float64 and clamped at 0
 (outside the op, so autograd's clamp gradient applies).
 
 Backward: ``adjacency_transpose_fwd`` (A^T S, only for graphs found non-symmetric), one fused
@@ -79,12 +79,13 @@ def _coarsen_op(
     do_check, asym_known = _pick_sym(check_sym, sym_known, x.shape[0], x.device)
     mask = mask.contiguous() if mask is not None else None
     S, ent_sum = assignment_fwd(s, mask)
-    AS, adj_sq, trace, asym = adjacency_fwd(adj, S, do_check)
+    AS, adj_sq, asym = adjacency_fwd(adj, S, do_check)
     if asym_known is not None:
         asym = asym_known
     out = gram_fwd(S, x)
     out_adj = gram_fwd(S, AS)
     StS = gram_fwd(S, S)
+    trace = torch.diagonal(out_adj, dim1=1, dim2=2).sum(dim=1, dtype=torch.float64)
     q_raw = adj_sq - 2.0 * trace + StS.to(torch.float64).square().sum(dim=(1, 2))
     return out, out_adj, q_raw, ent_sum, S, AS, StS, asym
 

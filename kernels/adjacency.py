@@ -6,10 +6,10 @@ C_PAD clusters, so every entry of A is read exactly once::
 
     (A S)_i    = sum_k A_ik S_k                    [N, C], kept for the backward
     ||A||_F^2  = sum_ik A_ik^2                     per-program partial sums
-    tr(S^T A S) = sum_i <(A S)_i, S_i>             per-program partial sums
     asym       = #{(i, k): A_ik != A_ki}           only when CHECK_SYM
 
-With these, ||A - S S^T||_F^2 = ||A||^2 - 2 tr(S^T A S) + ||S^T S||^2 needs no N x N work, and
+With these and tr(S^T A S) = tr(A') from the later S^T (A S) product,
+||A - S S^T||_F^2 = ||A||^2 - 2 tr(S^T A S) + ||S^T S||^2 needs no N x N work, and
 the backward needs A^T S only for graphs with asym > 0 (A^T S = A S otherwise). The mirrored
 tile A[k-block, i-block] that CHECK_SYM compares is the tile another program of the same graph
 reads at about the same time, so on a GPU it mostly comes from L2, not HBM. Comparison is exact:
@@ -51,20 +51,28 @@ class AdjConfig(NamedTuple):
     num_stages: int
 
 
+# C_PAD -> (block_m, block_k, num_warps, num_stages). S is re-read (from L2) once per row
+# block, C / block_m times A's bytes in fp32, so row blocks are as tall as the accumulator
+# block_m x C_PAD allows without a spill on sm_80 and sm_90 (``diffpool-fast compile-check``).
+_ADJ_TABLE = {
+    16: (128, 32, 8, 3),
+    32: (128, 32, 8, 3),
+    64: (64, 32, 8, 3),
+    128: (64, 32, 8, 3),
+    256: (64, 32, 8, 2),
+    512: (32, 16, 8, 2),
+}
+
+
 def adjacency_config(N: int, c_pad: int, block_m: Optional[int] = None,
                      block_k: Optional[int] = None) -> AdjConfig:
-    """Block sizes keyed on C_PAD and bucketed N.
-
-    The accumulator block_m x C_PAD is kept at <= 16K fp32 (64 registers a thread at 8 warps);
-    large row blocks cut how often S is re-read from L2 relative to A's bytes (C / block_m).
-    """
-    bm = block_m or min(128, 16384 // c_pad)
+    """Block sizes keyed on C_PAD and bucketed N (row blocks no taller than N's bucket)."""
+    bm, bk, num_warps, num_stages = _ADJ_TABLE[c_pad]
     if block_m is None:
-        bm = min(bm, max(16, triton.next_power_of_2(N)))
-    bk = block_k or (32 if c_pad <= 256 else 16)
-    num_warps = 8 if bm * c_pad >= 8192 else 4
-    num_stages = 3 if c_pad <= 128 else 2
-    return AdjConfig(bm, bk, num_warps, num_stages)
+        block_m = min(bm, max(16, triton.next_power_of_2(N)))
+    if block_m < bm:
+        num_warps = max(4 if c_pad <= 64 else 8, num_warps * block_m // bm)
+    return AdjConfig(block_m, block_k or bk, num_warps, num_stages)
 
 
 def adjacency_configs():
@@ -91,8 +99,8 @@ def adjacency_fwd_kernel(
 
     Grid (B, cdiv(N, BLOCK_M)). adj_ptr: A [B, N, N] as fp32/fp16/bf16/uint8 (bool viewed as
     uint8), strides (stride_ab, stride_ar, stride_ac) - swapped to read A^T; S_ptr: S
-    [B, N, C] fp32 contiguous; AS_ptr: output [B, N, C] fp32 contiguous; part_ptr: [3, B,
-    n_blocks] fp32 (||A||^2, tr(S^T A S), #asymmetric entries) when FWD_TERMS; asym_ptr: [B]
+    [B, N, C] fp32 contiguous; AS_ptr: output [B, N, C] fp32 contiguous; part_ptr: [2, B,
+    n_blocks] fp32 (||A||^2, #asymmetric entries) when FWD_TERMS; asym_ptr: [B]
     int32, read when SKIP_SYMMETRIC (0 = skip this graph).
     """
     b = tl.program_id(0).to(tl.int64)
@@ -109,8 +117,9 @@ def adjacency_fwd_kernel(
     if SKIP_SYMMETRIC:
         k_end = N * tl.load(asym_ptr + b)
     acc = tl.zeros((BLOCK_M, C_PAD), dtype=tl.float32)
-    sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    n_asym = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    # per-row running sums: a [BLOCK_M, BLOCK_K] accumulator would cost registers the dot needs
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_asym = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < N
@@ -123,24 +132,21 @@ def adjacency_fwd_kernel(
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, s, acc, input_precision=DOT_PRECISION)
         if FWD_TERMS:
-            sq += a * a
+            sq += tl.sum(a * a, axis=1)
         if CHECK_SYM:
             a_mirror = tl.load(
                 a_base + ks64[:, None] * stride_ar + rows64[None, :] * stride_ac,
                 mask=k_ok[:, None] & row_ok[None, :], other=0,
             ).to(tl.float32)
-            n_asym += tl.where(a != tl.trans(a_mirror), 1.0, 0.0)
+            n_asym += tl.sum(tl.where(a != tl.trans(a_mirror), 1.0, 0.0), axis=1)
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
     tl.store(AS_ptr + b * N * C + rows64[:, None] * C + cols[None, :], acc,
              mask=tile_ok & (k_end > 0))
     if FWD_TERMS:
-        s_rows = tl.load(s_base + rows64[:, None] * C + cols[None, :], mask=tile_ok, other=0.0)
         part = part_ptr + b * n_blocks + pid_m
-        plane = n_blocks * tl.num_programs(0)
-        tl.store(part, tl.sum(tl.sum(sq, axis=1), axis=0))
-        tl.store(part + plane, tl.sum(tl.sum(acc * s_rows, axis=1), axis=0))
-        tl.store(part + 2 * plane, tl.sum(tl.sum(n_asym, axis=1), axis=0))
+        tl.store(part, tl.sum(sq, axis=0))
+        tl.store(part + n_blocks * tl.num_programs(0), tl.sum(n_asym, axis=0))
 
 
 def _adj_arg(adj: torch.Tensor) -> torch.Tensor:
@@ -150,8 +156,8 @@ def _adj_arg(adj: torch.Tensor) -> torch.Tensor:
 
 def adjacency_fwd(adj: torch.Tensor, S: torch.Tensor, check_sym: bool,
                   block_m: Optional[int] = None, block_k: Optional[int] = None):
-    """Launch the forward pass: returns (AS [B,N,C] fp32, adj_sq [B] f64, trace [B] f64,
-    asym [B] int32 (1 = not symmetric; all 1 unless check_sym)).
+    """Launch the forward pass: returns (AS [B,N,C] fp32, adj_sq [B] f64, asym [B] int32
+    (1 = not symmetric; all 1 unless check_sym)).
 
     block_m / block_k override the row block and the column chunk (tests force branches).
     """
@@ -163,7 +169,7 @@ def adjacency_fwd(adj: torch.Tensor, S: torch.Tensor, check_sym: bool,
     n_blocks = triton.cdiv(N, cfg.block_m)
     a = _adj_arg(adj)
     AS = torch.empty((B, N, C), device=S.device, dtype=torch.float32)
-    part = torch.empty((3, B, n_blocks), device=S.device, dtype=torch.float32)
+    part = torch.empty((2, B, n_blocks), device=S.device, dtype=torch.float32)
     adjacency_fwd_kernel[(B, n_blocks)](
         a, S, AS, part, part,
         N, C, n_blocks,
@@ -175,10 +181,10 @@ def adjacency_fwd(adj: torch.Tensor, S: torch.Tensor, check_sym: bool,
     )
     sums = part.to(torch.float64).sum(dim=2)
     if check_sym:
-        asym = (sums[2] > 0).to(torch.int32)
+        asym = (sums[1] > 0).to(torch.int32)
     else:
         asym = torch.ones(B, device=S.device, dtype=torch.int32)
-    return AS, sums[0], sums[1], asym
+    return AS, sums[0], asym
 
 
 def adjacency_transpose_fwd(adj: torch.Tensor, S: torch.Tensor, asym: torch.Tensor,

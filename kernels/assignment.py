@@ -21,9 +21,11 @@ so the softmax backward, the entropy gradient and the sum of every contribution 
 pass over the rows. Bytes: reads X, S, AS (and A^T S for a non-symmetric graph) once, writes
 dL and dX once: O(N (C + F)) per graph.
 
-Dot precision: every ``tl.dot`` here multiplies an O(N x C) operand by a small C x C or C x F
-matrix, so the pass is memory-bound on an H100 even at a third of the tf32 rate; it uses
-``tf32x3`` (about fp32 accuracy) so gradients lose nothing to the fusion. Accumulation is fp32.
+Dot precision (backward only; the forward has no dot): every ``tl.dot`` multiplies an
+O(N x C) operand by a small C x C or C x F matrix, so the pass is memory-bound on an H100 even
+at a third of the tf32 rate. It uses ``tf32x3`` (about fp32 accuracy) up to C_PAD = 128 and
+``tf32`` above, where tf32x3's split operands spill registers (see ``_ROW_BWD_TABLE``).
+Accumulation is always fp32.
 """
 from __future__ import annotations
 
@@ -34,8 +36,6 @@ import triton
 import triton.language as tl
 
 EPS = 1e-15
-#: see the module docstring: memory-bound passes buy fp32-like accuracy at no cost.
-ROW_DOT_PRECISION = "tf32x3"
 #: the largest cluster count one program's rows can hold (C_PAD); beyond it, the torch path.
 MAX_C_PAD = 512
 
@@ -49,31 +49,55 @@ class RowConfig(NamedTuple):
     block_n: int  # rows of S per program
     block_k: int  # chunk of the reduced dimension (F or C) in the backward dots
     num_warps: int
+    num_stages: int
+    dot_precision: str  # backward only; see ``row_bwd_config``
 
 
-def row_config(N: int, c_pad: int, block_n: Optional[int] = None) -> RowConfig:
-    """Block sizes for both row passes, keyed on C_PAD and bucketed N (never on N itself).
+def row_fwd_config(N: int, c_pad: int, block_n: Optional[int] = None) -> RowConfig:
+    """Block sizes of the forward row pass, keyed on C_PAD and bucketed N (never N itself).
 
-    One program holds block_n x C_PAD fp32 values in several live tiles; the table keeps that
-    at 8K elements (64 registers a thread at 4 warps, 32 at 8) so nothing spills.
+    The softmax keeps a few block_n x C_PAD fp32 tiles live; <= 16 values a thread each keeps
+    it free of spills (checked by ``diffpool-fast compile-check``). 16 rows is the minimum.
     """
+    num_warps = 4 if c_pad <= 64 else 8 if c_pad <= 256 else 16
     if block_n is None:
-        block_n = max(16, min(64, 8192 // c_pad))
+        block_n = max(16, min(64, 16 * 32 * num_warps // c_pad))
         block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    num_warps = 4 if c_pad <= 128 else 8
-    block_k = 32 if c_pad <= 256 else 16
-    return RowConfig(block_n, block_k, num_warps)
+    return RowConfig(block_n, 0, num_warps, 1, "")
+
+
+# C_PAD -> (block_n, block_k, num_warps, num_stages, dot precision) of the backward row pass.
+# tf32x3 splits every operand in two, and past C_PAD = 128 that makes ptxas spill whatever the
+# tile; there the pass uses tf32 (operands rounded to 10 mantissa bits, fp32 accumulation).
+_ROW_BWD_TABLE = {
+    16: (64, 16, 4, 1, "tf32x3"),
+    32: (64, 16, 4, 1, "tf32x3"),
+    64: (32, 16, 4, 1, "tf32x3"),
+    128: (16, 16, 8, 1, "tf32x3"),
+    256: (16, 16, 8, 1, "tf32"),
+    512: (16, 16, 8, 1, "tf32"),
+}
+
+
+def row_bwd_config(N: int, c_pad: int, block_n: Optional[int] = None,
+                   block_k: Optional[int] = None) -> RowConfig:
+    """Block sizes and dot precision of the backward row pass (``_ROW_BWD_TABLE``)."""
+    bn, bk, num_warps, num_stages, prec = _ROW_BWD_TABLE[c_pad]
+    if block_n is None:
+        block_n = min(bn, max(16, triton.next_power_of_2(N)))
+    return RowConfig(block_n, block_k or bk, num_warps, num_stages, prec)
 
 
 def row_configs():
-    """Every RowConfig ``row_config`` can return (for the ahead-of-time compile check)."""
-    seen = []
+    """Every (C_PAD, forward config, backward config) the launch helpers can pick, for the
+    ahead-of-time compile check (N buckets: 16, 32, 64 and larger)."""
+    out = []
     for c_pad in (16, 32, 64, 128, 256, 512):
         for N in (16, 32, 64, 4096):
-            cfg = row_config(N, c_pad)
-            if (c_pad, cfg) not in seen:
-                seen.append((c_pad, cfg))
-    return seen
+            item = (c_pad, row_fwd_config(N, c_pad), row_bwd_config(N, c_pad))
+            if item not in out:
+                out.append(item)
+    return out
 
 
 @triton.jit(do_not_specialize=["N", "C", "n_blocks"])
@@ -126,7 +150,7 @@ def assignment_fwd(s: torch.Tensor, mask: Optional[torch.Tensor], block_n: Optio
     """
     B, N, C = s.shape
     c_pad = cluster_pad(C)
-    cfg = row_config(N, c_pad, block_n)
+    cfg = row_fwd_config(N, c_pad, block_n)
     n_blocks = triton.cdiv(N, cfg.block_n)
     S = torch.empty((B, N, C), device=s.device, dtype=torch.float32)
     ent_part = torch.empty((B, n_blocks), device=s.device, dtype=torch.float32)
@@ -137,7 +161,7 @@ def assignment_fwd(s: torch.Tensor, mask: Optional[torch.Tensor], block_n: Optio
         s.stride(0), s.stride(1), s.stride(2),
         mask_u8.stride(0) if mask is not None else 0,
         HAS_MASK=mask is not None, BLOCK_N=cfg.block_n, C_PAD=c_pad,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return S, ent_part.to(torch.float64).sum(dim=1)
 
@@ -175,7 +199,7 @@ def assignment_bwd_kernel(
     tile_ok = row_ok[:, None] & col_ok[None, :]
     nc_base = b * N * C
     cc_base = b * C * C
-    S = tl.load(S_ptr + nc_base + rows64[:, None] * C + cols[None, :], mask=tile_ok, other=0.0)
+    S_rows = S_ptr + nc_base + rows64[:, None] * C + cols[None, :]
 
     if NEED_DL:
         dS = tl.zeros((BLOCK_N, C_PAD), dtype=tl.float32)
@@ -221,6 +245,8 @@ def assignment_bwd_kernel(
             )
             dS = tl.dot(atst, h2, dS, input_precision=DOT_PRECISION)
 
+        # S is loaded only now (and again for dX): keeping it live through the loops spills.
+        S = tl.load(S_rows, mask=tile_ok, other=0.0)
         g_ent = tl.load(g_ent_ptr + b)
         dS += g_ent * -(tl.log(S + 1e-15) + S / (S + 1e-15))
         keep = row_ok
@@ -236,6 +262,7 @@ def assignment_bwd_kernel(
         )
 
     if NEED_DX:
+        S = tl.load(S_rows, mask=tile_ok, other=0.0)
         for f0 in range(0, F, BLOCK_K):
             fs = f0 + tl.arange(0, BLOCK_K)
             f_ok = fs < F
@@ -263,8 +290,7 @@ def assignment_bwd(
     B, N, C = S.shape
     F = x.shape[2]
     c_pad = cluster_pad(C)
-    cfg = row_config(N, c_pad, block_n)
-    bk = block_k or cfg.block_k
+    cfg = row_bwd_config(N, c_pad, block_n, block_k)
     dL = torch.empty((B, N, C), device=S.device, dtype=s_dtype) if need_dl else None
     dX = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
     dl_arg = dL if need_dl else S
@@ -280,8 +306,8 @@ def assignment_bwd(
         dl_arg.stride(0), dl_arg.stride(1), dl_arg.stride(2),
         dx_arg.stride(0), dx_arg.stride(1), dx_arg.stride(2),
         HAS_MASK=mask is not None, NEED_DL=need_dl, NEED_DX=need_dx,
-        BLOCK_N=cfg.block_n, BLOCK_K=bk, C_PAD=c_pad,
-        DOT_PRECISION=ROW_DOT_PRECISION,
-        num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, C_PAD=c_pad,
+        DOT_PRECISION=cfg.dot_precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dL, dX

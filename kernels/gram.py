@@ -39,7 +39,8 @@ def gram_config(N: int, C: int, K: int, block_c: Optional[int] = None,
     bc = block_c or (64 if C > 32 else 32)
     bk = block_k or (64 if K > 32 else 32)
     bn = block_n or (64 if N > 32 else 32)
-    return GramConfig(bc, bk, bn, 4, 3)
+    # tf32x3 splits both operands: 64 x 64 tiles need 8 warps to stay clear of spills
+    return GramConfig(bc, bk, bn, 8 if bc * bk >= 4096 else 4, 3)
 
 
 def gram_configs():
