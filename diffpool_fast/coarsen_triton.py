@@ -20,7 +20,8 @@ into ``torch.compile`` graphs without a graph break. No double backward.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import contextlib
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,6 +35,39 @@ ADJ_DTYPES = FLOAT_DTYPES + (torch.bool, torch.uint8)
 
 # sym_known values of the op
 _SYM_UNKNOWN, _SYM_NO, _SYM_YES = -1, 0, 1
+
+_BLOCK_KEYS = ("row_n", "row_k", "adj_m", "adj_k", "gram_c", "gram_k", "gram_n",
+               "grad_m", "grad_n", "grad_k")
+_forced: Dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def forced_blocks(**blocks: int) -> Iterator[None]:
+    """Force block sizes of every launch inside the block (tests use it to reach each branch).
+
+    Keys: row_n, row_k (row passes), adj_m, adj_k (adjacency passes), gram_c, gram_k, gram_n
+    (S^T Y products), grad_m, grad_n, grad_k (dA). Powers of two >= 16.
+    """
+    bad = [k for k in blocks if k not in _BLOCK_KEYS]
+    if bad:
+        raise ValueError(f"unknown block keys {bad}; known: {_BLOCK_KEYS}")
+    for k, v in blocks.items():
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"block {k}={v} must be a power of two >= 16")
+    saved = dict(_forced)
+    _forced.update(blocks)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
+def _gram(S: Tensor, Y: Tensor) -> Tensor:
+    from .kernels.gram import gram_fwd
+
+    f = _forced
+    return gram_fwd(S, Y, f.get("gram_c"), f.get("gram_k"), f.get("gram_n"))
 
 
 def unsupported_reason(x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor]) -> Optional[str]:
@@ -74,17 +108,17 @@ def _coarsen_op(
     """(out, out_adj, q_raw, ent_sum, S, AS, StS, asym); q_raw is link_sq before the clamp."""
     from .kernels.adjacency import adjacency_fwd
     from .kernels.assignment import assignment_fwd
-    from .kernels.gram import gram_fwd
 
+    f = _forced
     do_check, asym_known = _pick_sym(check_sym, sym_known, x.shape[0], x.device)
     mask = mask.contiguous() if mask is not None else None
-    S, ent_sum = assignment_fwd(s, mask)
-    AS, adj_sq, asym = adjacency_fwd(adj, S, do_check)
+    S, ent_sum = assignment_fwd(s, mask, f.get("row_n"))
+    AS, adj_sq, asym = adjacency_fwd(adj, S, do_check, f.get("adj_m"), f.get("adj_k"))
     if asym_known is not None:
         asym = asym_known
-    out = gram_fwd(S, x)
-    out_adj = gram_fwd(S, AS)
-    StS = gram_fwd(S, S)
+    out = _gram(S, x)
+    out_adj = _gram(S, AS)
+    StS = _gram(S, S)
     trace = torch.diagonal(out_adj, dim1=1, dim2=2).sum(dim=1, dtype=torch.float64)
     q_raw = adj_sq - 2.0 * trace + StS.to(torch.float64).square().sum(dim=(1, 2))
     return out, out_adj, q_raw, ent_sum, S, AS, StS, asym
@@ -122,16 +156,20 @@ def _coarsen_backward_op(
     gq = g_q.to(torch.float32)
     eye = torch.eye(C, dtype=torch.float32, device=S.device)
     H2 = (G - 2.0 * gq[:, None, None] * eye).contiguous()  # for A^T S, and dA = S H2 S^T + 2g A
-    dx = ds = dadj = S.new_empty(0)
+    # three distinct empties: a custom op's outputs must not alias each other
+    dx, ds, dadj = S.new_empty(0), S.new_empty(0), S.new_empty(0)
     if need_ds or need_dx:
         H1 = G.transpose(1, 2) - 2.0 * gq[:, None, None] * eye
         # A symmetric graph has A^T S = A S: fold H2 into H1 and skip A^T S.
         H1 = (H1 + (1 - asym).to(torch.float32)[:, None, None] * H2).contiguous()
         H3 = (4.0 * gq[:, None, None] * StS).contiguous()
-        AtS = adjacency_transpose_fwd(adj, S, asym) if need_ds else AS
+        f = _forced
+        AtS = (adjacency_transpose_fwd(adj, S, asym, f.get("adj_m"), f.get("adj_k"))
+               if need_ds else AS)
         dL, dX = assignment_bwd(
             x, S, AS, AtS, asym, mask, g_out, H1, H2, H3,
             g_ent.to(torch.float32).contiguous(), need_ds, need_dx, s_dtype,
+            f.get("row_n"), f.get("row_k"),
         )
         if need_ds:
             ds = dL
@@ -139,18 +177,19 @@ def _coarsen_backward_op(
             dx = dX
     if need_dadj:
         SH = torch.bmm(S, H2)
-        dadj = adjacency_bwd(adj, SH, S, (2.0 * gq).contiguous())
+        f = _forced
+        dadj = adjacency_bwd(adj, SH, S, (2.0 * gq).contiguous(),
+                             f.get("grad_m"), f.get("grad_n"), f.get("grad_k"))
     return [dx, ds, dadj]
 
 
 @_coarsen_backward_op.register_fake
 def _coarsen_backward_fake(g_out, g_out_adj, g_q, g_ent, x, adj, mask, S, AS, StS, asym,
                            s_dtype, need_dx, need_ds, need_dadj):
-    empty = S.new_empty(0)
     return [
-        torch.empty_like(x) if need_dx else empty,
-        S.new_empty(S.shape, dtype=s_dtype) if need_ds else empty,
-        torch.empty_like(adj) if need_dadj else empty,
+        torch.empty_like(x) if need_dx else S.new_empty(0),
+        S.new_empty(S.shape, dtype=s_dtype) if need_ds else S.new_empty(0),
+        torch.empty_like(adj) if need_dadj else S.new_empty(0),
     ]
 
 
