@@ -143,6 +143,21 @@ def all_variants(full: bool = True) -> List[Variant]:
     return out
 
 
+def representative_variants() -> List[Variant]:
+    """A small subset for CI: per kernel, its smallest and largest fp32 configuration, plus the
+    uint8-adjacency symmetric-check forward at the largest C_PAD (the most registers)."""
+    quick = all_variants(full=False)
+    picked: List[Variant] = []
+    for kernel in dict.fromkeys(v.kernel for v in quick):
+        mine = [v for v in quick if v.kernel == kernel and "u8" not in v.label]
+        for v in (mine[0], mine[-1]):
+            if v not in picked:
+                picked.append(v)
+    u8 = [v for v in quick if v.kernel == "adjacency_fwd_kernel" and "A=u8 fwd+sym" in v.label]
+    picked.append(u8[-1])
+    return picked
+
+
 def _kernel_fn(name: str):
     from .kernels import adjacency, assignment, gram
 
@@ -279,6 +294,8 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="fp32 (and uint8 adjacency) specialisations only: every block "
                         "configuration, fewer dtypes")
+    p.add_argument("--representative", action="store_true",
+                   help="only each kernel's smallest and largest configuration (what CI runs)")
     p.add_argument("--kernel", action="append", default=None, metavar="NAME",
                    help="only kernels whose name contains NAME (repeatable)")
     p.add_argument("--target", type=int, action="append", choices=TARGETS, default=None,
@@ -301,7 +318,9 @@ def run(args) -> int:
         raise CLIError(f"compile-check needs triton: {err}")
     if args.jobs < 1:
         raise CLIError(f"--jobs must be at least 1, got {args.jobs}")
-    variants = all_variants(full=not args.quick)
+    if args.quick and args.representative:
+        raise CLIError("--quick and --representative are exclusive")
+    variants = representative_variants() if args.representative else all_variants(not args.quick)
     if args.kernel:
         variants = [v for v in variants if any(k in v.kernel for k in args.kernel)]
         if not variants:
