@@ -144,13 +144,17 @@ def all_variants(full: bool = True) -> List[Variant]:
 
 
 def representative_variants() -> List[Variant]:
-    """A small subset for CI: per kernel, its smallest and largest fp32 configuration, plus the
-    uint8-adjacency symmetric-check forward at the largest C_PAD (the most registers)."""
+    """A small subset for CI: per kernel, its smallest fp32 configuration and, with every
+    optional branch switched on (mask, both gradients, the symmetry check), the C_PAD = 128
+    one (the benchmark shape) and the largest; plus the uint8-adjacency forward at C_PAD = 512."""
     quick = all_variants(full=False)
+    heavy = ("mask=1", "dL=1 dX=1", "fwd+sym")
     picked: List[Variant] = []
     for kernel in dict.fromkeys(v.kernel for v in quick):
         mine = [v for v in quick if v.kernel == kernel and "u8" not in v.label]
-        for v in (mine[0], mine[-1]):
+        loaded = [v for v in mine if any(h in v.label for h in heavy)] or mine
+        mid = [v for v in loaded if "C_PAD=128 " in v.label]
+        for v in [mine[0]] + mid[-1:] + [loaded[-1]]:
             if v not in picked:
                 picked.append(v)
     u8 = [v for v in quick if v.kernel == "adjacency_fwd_kernel" and "A=u8 fwd+sym" in v.label]
