@@ -56,12 +56,13 @@ class RowConfig(NamedTuple):
 def row_fwd_config(N: int, c_pad: int, block_n: Optional[int] = None) -> RowConfig:
     """Block sizes of the forward row pass, keyed on C_PAD and bucketed N (never N itself).
 
-    The softmax keeps a few block_n x C_PAD fp32 tiles live; <= 16 values a thread each keeps
-    it free of spills (checked by ``diffpool-fast compile-check``). 16 rows is the minimum.
+    The softmax keeps a few block_n x C_PAD fp32 tiles live; <= 8 values a thread each keeps
+    it free of spills for every input dtype (16 spilled at fp16 on sm_90; checked by
+    ``diffpool-fast compile-check``). 16 rows is the minimum.
     """
     num_warps = 4 if c_pad <= 64 else 8 if c_pad <= 256 else 16
     if block_n is None:
-        block_n = max(16, min(64, 16 * 32 * num_warps // c_pad))
+        block_n = max(16, min(64, 8 * 32 * num_warps // c_pad))
         block_n = min(block_n, max(16, triton.next_power_of_2(N)))
     return RowConfig(block_n, 0, num_warps, 1, "")
 

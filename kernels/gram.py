@@ -38,9 +38,11 @@ def gram_config(N: int, C: int, K: int, block_c: Optional[int] = None,
     """Block sizes keyed on bucketed C and K; N only chooses between two reduction chunks."""
     bc = block_c or (64 if C > 32 else 32)
     bk = block_k or (64 if K > 32 else 32)
-    bn = block_n or (64 if N > 32 else 32)
-    # tf32x3 splits both operands: 64 x 64 tiles need 8 warps to stay clear of spills
-    return GramConfig(bc, bk, bn, 8 if bc * bk >= 4096 else 4, 3)
+    # tf32x3 splits both operands: 64 x 64 output tiles need 8 warps and 32-node steps to stay
+    # clear of spills (a 16-bit Y spilled at 64 on sm_80)
+    big = bc * bk >= 4096
+    bn = block_n or (32 if big or N <= 32 else 64)
+    return GramConfig(bc, bk, bn, 8 if big else 4, 3)
 
 
 def gram_configs():
