@@ -118,6 +118,10 @@ def _coarsen_op(
         asym = asym_known
     out = _gram(S, x)
     out_adj = _gram(S, AS)
+    # S^T A S of a symmetric A is symmetric, but not bitwise so after rounding; making it so
+    # lets the next level's symmetry check pass, which spares that level's backward a read of A.
+    sym = (asym == 0)[:, None, None]
+    out_adj = torch.where(sym, 0.5 * (out_adj + out_adj.transpose(1, 2)), out_adj)
     StS = _gram(S, S)
     trace = torch.diagonal(out_adj, dim1=1, dim2=2).sum(dim=1, dtype=torch.float64)
     q_raw = adj_sq - 2.0 * trace + StS.to(torch.float64).square().sum(dim=(1, 2))

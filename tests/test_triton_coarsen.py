@@ -180,3 +180,18 @@ def test_two_level_hierarchy_gradients():
         assert_close_scaled(got, want, tolerance(f32), name)
     assert_close_scaled(xt.grad, xr.grad, 5 * tolerance(f32), "grad x")
     assert_close_scaled(st.grad, sr.grad, 5 * tolerance(f32), "grad s")
+
+
+def test_symmetric_adjacency_gives_bitwise_symmetric_out_adj():
+    """A symmetric A is detected (asym flag 0) and its A' comes out exactly symmetric, so the
+    next level's check passes too; a non-symmetric graph in the same batch is flagged."""
+    g = fresh_generator()
+    x, adj, s, mask = make_inputs(3, 37, 11, 6, f32, f32, "pad", "mixed", g)
+    outs = torch.ops.diffpool_fast.coarsen(x, adj, s, mask, True, -1)
+    out_adj, asym = outs[1], outs[7]
+    assert asym.tolist() == [0, 1, 1]
+    assert torch.equal(out_adj[0], out_adj[0].transpose(0, 1))
+    x2 = outs[0][:1].contiguous()
+    level2 = torch.ops.diffpool_fast.coarsen(x2, out_adj[:1].contiguous(), x2[:, :, :4].clone(),
+                                             None, True, -1)
+    assert level2[7].tolist() == [0]
