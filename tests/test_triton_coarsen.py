@@ -33,6 +33,7 @@ CASES = [
     (1, 37, 5, 7, f32, torch.bool, "none", "sym", {}),
     (3, 50, 37, 20, bf16, torch.uint8, "pad", "asym", SMALL),
     (2, 45, 20, 33, f16, f16, "pad", "mixed", LARGE),
+    (2, 24, 100, 12, f32, torch.uint8, "pad", "sym", {}),
     (2, 29, 130, 16, f32, f32, "pad", "asym", {}),
     (2, 40, 300, 24, f32, bf16, "pad", "sym", {}),
     (2, 70, 64, 130, f32, f32, "none", "asym", SMALL),
