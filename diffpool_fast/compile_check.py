@@ -29,6 +29,9 @@ class Variant(NamedTuple):
     args: Dict[str, object]  # argument -> triton type string, or a constexpr value
     num_warps: int
     num_stages: int
+    # strides divisible by 16, as triton's launcher marks them when N (and F, C) are multiples
+    # of 16: vectorised loads, a different register allocation, so both forms are checked
+    aligned: bool = False
 
 
 def _row_variants(full: bool) -> List[Variant]:
@@ -140,6 +143,14 @@ def all_variants(full: bool = True) -> List[Variant]:
         if (v.kernel, v.label) not in seen:  # N buckets can map to one configuration
             seen.add((v.kernel, v.label))
             out.append(v)
+    return _both_alignments(out)
+
+
+def _both_alignments(variants: List[Variant]) -> List[Variant]:
+    out = []
+    for v in variants:
+        out.append(v)
+        out.append(v._replace(label=v.label + " div16", aligned=True))
     return out
 
 
@@ -147,7 +158,7 @@ def representative_variants() -> List[Variant]:
     """A small subset for CI: per kernel, its smallest fp32 configuration and, with every
     optional branch switched on (mask, both gradients, the symmetry check), the C_PAD = 128
     one (the benchmark shape) and the largest; plus the uint8-adjacency forward at C_PAD = 512."""
-    quick = all_variants(full=False)
+    quick = [v for v in all_variants(full=False) if not v.aligned]
     heavy = ("mask=1", "dL=1 dX=1", "fwd+sym")
     picked: List[Variant] = []
     for kernel in dict.fromkeys(v.kernel for v in quick):
@@ -159,7 +170,7 @@ def representative_variants() -> List[Variant]:
                 picked.append(v)
     u8 = [v for v in quick if v.kernel == "adjacency_fwd_kernel" and "A=u8 fwd+sym" in v.label]
     picked.append(u8[-1])
-    return picked
+    return _both_alignments(picked)
 
 
 def _kernel_fn(name: str):
@@ -223,8 +234,8 @@ def compile_variant(v: Variant, arch: int) -> Result:
             val = v.args[name]
             if isinstance(val, str) and (val.startswith("*") or val in ("i32", "i64")):
                 signature[name] = val
-                if val.startswith("*"):
-                    # torch allocations are 16-byte aligned; triton's launcher specialises on it
+                # torch allocations are 16-byte aligned; triton's launcher specialises on it
+                if val.startswith("*") or (v.aligned and name.startswith("stride")):
                     attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 signature[name] = "constexpr"
@@ -299,7 +310,8 @@ def register(sub) -> None:
                    help="fp32 (and uint8 adjacency) specialisations only: every block "
                         "configuration, fewer dtypes")
     p.add_argument("--representative", action="store_true",
-                   help="only each kernel's smallest and largest configuration (what CI runs)")
+                   help="per kernel: smallest, C_PAD=128 and largest configuration, fp32 (what "
+                        "CI runs)")
     p.add_argument("--kernel", action="append", default=None, metavar="NAME",
                    help="only kernels whose name contains NAME (repeatable)")
     p.add_argument("--target", type=int, action="append", choices=TARGETS, default=None,

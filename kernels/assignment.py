@@ -86,6 +86,8 @@ def row_bwd_config(N: int, c_pad: int, block_n: Optional[int] = None,
     bn, bk, num_warps, num_stages, prec = _ROW_BWD_TABLE[c_pad]
     if block_n is None:
         block_n = min(bn, max(16, triton.next_power_of_2(N)))
+        if block_n * c_pad <= 256:  # ptxas spilled the 16 x 16 tile at 4 warps
+            num_warps = 2
     return RowConfig(block_n, block_k or bk, num_warps, num_stages, prec)
 
 

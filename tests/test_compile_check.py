@@ -2,7 +2,7 @@
 
 CI runs the representative subset (per kernel: smallest fp32 configuration, the C_PAD = 128 and
 largest ones with every branch on, and the uint8-adjacency symmetric-check forward at C_PAD = 512;
-28 compilations, about 25 s on 2 cores); the full
+each with and without 16-divisible strides: 56 compilations, about 40 s on 2 cores); the full
 table (every configuration x dtype x flag, a few hundred) is ``diffpool-fast compile-check``.
 The kernels must be compiled, not interpreted, so the check runs in a subprocess without
 TRITON_INTERPRET (which conftest sets for the interpreter tests).
