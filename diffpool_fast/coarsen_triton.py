@@ -7,8 +7,9 @@ Forward, four launches (kernels/):
    caller did not say, whether each A_b is symmetric (the one read of A);
 3. ``gram_fwd`` three times: out = S^T X, A' = S^T (A S), S^T S.
 
-link_sq = ||A||^2 - 2 tr(A') + ||S^T S||^2 (tr(S^T A S) = tr(A')), summed per graph in float64 and clamped at 0
-(outside the op, so autograd's clamp gradient applies).
+link_sq = ||A||^2 - 2 tr(A') + ||S^T S||^2 (as tr(S^T A S) = tr(A')), summed per graph in
+float64 and clamped at 0 (outside the op, so autograd's clamp gradient applies). A' of a graph
+found symmetric is made bitwise symmetric, as the next level's symmetry check wants.
 
 Backward: ``adjacency_transpose_fwd`` (A^T S, only for graphs found non-symmetric), one fused
 row pass ``assignment_bwd`` (dL and dX), and ``adjacency_bwd`` (dA) only when adj needs a
