@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU command: on a CUDA machine, run the test suite on CUDA, then benchmark forward,
+# backward and both for PyG eager, torch.compile of PyG, our torch path and our Triton path.
+#
+#   bash bench/gpu.sh [OUT_DIR]        (default: bench/results/<UTC time>-<GPU name>)
+#
+# Writes into OUT_DIR: env.txt (GPU, driver, versions, command), tests.log, profile.log and the
+# CSV + markdown + plots of `diffpool-fast profile`. Target: under 8 minutes on an H100 (the
+# tests take ~2 min there, mostly Triton JIT compiles; the sweep ~4 min). Exit status: non-zero
+# if the tests or the benchmark failed (the benchmark still runs after failing tests, so one
+# run on a borrowed GPU gives all the evidence there is).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "bench/gpu.sh: no CUDA device visible to torch; this command needs a GPU" >&2
+    exit 2
+fi
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
+OUT_DIR=${1:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)-$gpu}
+mkdir -p "$OUT_DIR"
+# The interpreter must be off: these runs are about the compiled kernels.
+unset TRITON_INTERPRET DIFFPOOL_FAST_BACKEND
+
+{
+    echo "command: bash bench/gpu.sh $*"
+    echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null
+    python - <<'PY'
+import platform, torch, triton, numpy
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| triton", triton.__version__, "| numpy", numpy.__version__)
+try:
+    import torch_geometric
+    print("torch_geometric", torch_geometric.__version__)
+except ImportError:
+    print("torch_geometric not installed")
+PY
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+status=0
+start=$(date +%s)
+echo "== tests on CUDA =="
+timeout 300 python -m pytest -q tests 2>&1 | tee "$OUT_DIR/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench/gpu.sh: tests FAILED (see $OUT_DIR/tests.log)"; status=1; }
+echo "tests took $(( $(date +%s) - start )) s"
+
+start=$(date +%s)
+echo "== benchmark =="
+timeout 360 diffpool-fast profile --device cuda --backend all --mode fwd,bwd,full \
+    --batch 64 --nodes 128,256,512,1024,2048 --clusters 128 --features 128 \
+    --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/profile.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench/gpu.sh: benchmark FAILED (see $OUT_DIR/profile.log)"; status=1; }
+echo "benchmark took $(( $(date +%s) - start )) s"
+echo "results in $OUT_DIR (compare with bench/FLOOR.md)"
+exit $status

@@ -1,0 +1,350 @@
+"""``diffpool-fast compile-check``: compile every Triton kernel ahead of time, without a GPU.
+
+Each kernel is compiled with ``triton.compile`` for every block configuration its launch helper
+can pick (the helpers' ``*_configs()`` tables), crossed with the dtype and flag specialisations
+that change its code, for sm_80 (A100) and sm_90 (H100). For each compiled kernel the table
+shows registers a thread and spilled bytes (from ``ptxas -v`` on the generated PTX, the same
+ptxas triton uses) and the dynamic shared memory triton allocates. Exit status 1 on a compile
+error, any spill, or shared memory above the target's per-block limit.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, NamedTuple, Optional
+
+#: Maximum shared memory per thread block (CUDA C Programming Guide, compute capability table):
+#: 163 KB on 8.0 (A100), 227 KB on 9.0 (H100).
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TARGETS = (80, 90)
+_TL = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "u8": "*u8"}
+
+
+class Variant(NamedTuple):
+    kernel: str
+    label: str  # the configuration and specialisation, human readable
+    args: Dict[str, object]  # argument -> triton type string, or a constexpr value
+    num_warps: int
+    num_stages: int
+    # strides divisible by 16, as triton's launcher marks them when N (and F, C) are multiples
+    # of 16: vectorised loads, a different register allocation, so both forms are checked
+    aligned: bool = False
+
+
+def _row_variants(full: bool) -> List[Variant]:
+    from .kernels.assignment import row_configs
+
+    out = []
+    for c_pad, cfg, bcfg in row_configs():
+        for ldt in ("fp32", "bf16", "fp16") if full else ("fp32",):
+            for has_mask in (True, False):
+                args = {
+                    "logit_ptr": _TL[ldt], "mask_ptr": "*u8" if has_mask else "*fp32",
+                    "S_ptr": "*fp32", "ent_part_ptr": "*fp32",
+                    "N": "i32", "C": "i32", "n_blocks": "i32",
+                    "stride_lb": "i32", "stride_ln": "i32", "stride_lc": 1, "stride_mb": "i32",
+                    "HAS_MASK": has_mask, "BLOCK_N": cfg.block_n, "C_PAD": c_pad,
+                }
+                label = f"C_PAD={c_pad} BN={cfg.block_n} w{cfg.num_warps} s={ldt} mask={int(has_mask)}"
+                out.append(Variant("assignment_fwd_kernel", label, args, cfg.num_warps,
+                                   cfg.num_stages))
+        flag_sets = ((True, True), (True, False), (False, True))
+        for dt in ("fp32", "bf16", "fp16") if full else ("fp32",):
+            for need_dl, need_dx in flag_sets if (full or dt == "fp32") else flag_sets[:1]:
+                args = {
+                    "x_ptr": _TL[dt], "S_ptr": "*fp32", "AS_ptr": "*fp32", "AtS_ptr": "*fp32",
+                    "asym_ptr": "*i32", "mask_ptr": "*u8", "g_out_ptr": "*fp32",
+                    "H1_ptr": "*fp32", "H2_ptr": "*fp32", "H3_ptr": "*fp32", "g_ent_ptr": "*fp32",
+                    "dL_ptr": _TL[dt] if need_dl else "*fp32",
+                    "dX_ptr": _TL[dt],
+                    "N": "i32", "C": "i32", "F": "i32",
+                    "stride_xb": "i32", "stride_xn": "i32", "stride_xf": 1, "stride_mb": "i32",
+                    "stride_dlb": "i32", "stride_dln": "i32", "stride_dlc": 1,
+                    "stride_dxb": "i32", "stride_dxn": "i32", "stride_dxf": 1,
+                    "HAS_MASK": True, "NEED_DL": need_dl, "NEED_DX": need_dx,
+                    "BLOCK_N": bcfg.block_n, "BLOCK_K": bcfg.block_k, "C_PAD": c_pad,
+                    "DOT_PRECISION": bcfg.dot_precision,
+                }
+                label = (f"C_PAD={c_pad} BN={bcfg.block_n} BK={bcfg.block_k} w{bcfg.num_warps} "
+                         f"s{bcfg.num_stages} {bcfg.dot_precision} x,s={dt} "
+                         f"dL={int(need_dl)} dX={int(need_dx)}")
+                out.append(Variant("assignment_bwd_kernel", label, args, bcfg.num_warps,
+                                   bcfg.num_stages))
+    return out
+
+
+def _gram_variants(full: bool) -> List[Variant]:
+    from .kernels.gram import GRAM_DOT_PRECISION, gram_configs
+
+    out = []
+    for cfg in gram_configs():
+        for ydt in ("fp32", "bf16", "fp16") if full else ("fp32",):
+            args = {
+                "S_ptr": "*fp32", "Y_ptr": _TL[ydt], "out_ptr": "*fp32",
+                "N": "i32", "C": "i32", "K": "i32",
+                "stride_yb": "i32", "stride_yn": "i32", "stride_yk": 1,
+                "BLOCK_C": cfg.block_c, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n,
+                "DOT_PRECISION": GRAM_DOT_PRECISION,
+            }
+            label = (f"BC={cfg.block_c} BK={cfg.block_k} BN={cfg.block_n} w{cfg.num_warps} "
+                     f"s{cfg.num_stages} Y={ydt}")
+            out.append(Variant("gram_fwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
+    return out
+
+
+def _adjacency_variants(full: bool) -> List[Variant]:
+    from .kernels.adjacency import (
+        ADJ_DOT_PRECISION, adjacency_configs, adjacency_grad_configs,
+    )
+
+    out = []
+    # (mode, FWD_TERMS, CHECK_SYM, SKIP_SYMMETRIC, contiguous along k?)
+    modes = (("fwd", True, False, False), ("fwd+sym", True, True, False), ("AtS", False, False, True))
+    for c_pad, cfg in adjacency_configs():
+        for adt in ("fp32", "fp16", "bf16", "u8") if full else ("fp32", "u8"):
+            for mode, terms, check, skip in modes:
+                args = {
+                    "adj_ptr": _TL[adt], "S_ptr": "*fp32", "AS_ptr": "*fp32",
+                    "part_ptr": "*fp32", "asym_ptr": "*i32" if skip else "*fp32",
+                    "N": "i32", "C": "i32", "n_blocks": "i32",
+                    "stride_ab": "i32",
+                    # A^T S swaps the strides: the row stride is then the unit one.
+                    "stride_ar": 1 if skip else "i32", "stride_ac": "i32" if skip else 1,
+                    "FWD_TERMS": terms, "CHECK_SYM": check, "SKIP_SYMMETRIC": skip,
+                    "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "C_PAD": c_pad,
+                    "DOT_PRECISION": ADJ_DOT_PRECISION,
+                }
+                label = (f"C_PAD={c_pad} BM={cfg.block_m} BK={cfg.block_k} w{cfg.num_warps} "
+                         f"s{cfg.num_stages} A={adt} {mode}")
+                out.append(Variant("adjacency_fwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
+    for cfg in adjacency_grad_configs():
+        for adt in ("fp32", "fp16", "bf16") if full else ("fp32",):
+            args = {
+                "adj_ptr": _TL[adt], "SH_ptr": "*fp32", "S_ptr": "*fp32", "two_g_ptr": "*fp32",
+                "dA_ptr": _TL[adt], "N": "i32", "C": "i32",
+                "stride_ab": "i32", "stride_ar": "i32", "stride_ac": 1,
+                "stride_db": "i32", "stride_dr": "i32", "stride_dc": 1,
+                "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                "DOT_PRECISION": ADJ_DOT_PRECISION,
+            }
+            label = (f"BM={cfg.block_m} BN={cfg.block_n} BK={cfg.block_k} w{cfg.num_warps} "
+                     f"s{cfg.num_stages} A={adt}")
+            out.append(Variant("adjacency_bwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
+    return out
+
+
+def all_variants(full: bool = True) -> List[Variant]:
+    """Every variant the check compiles; ``full=False`` keeps fp32 (and uint8 adj) only."""
+    seen, out = set(), []
+    for v in _row_variants(full) + _gram_variants(full) + _adjacency_variants(full):
+        if (v.kernel, v.label) not in seen:  # N buckets can map to one configuration
+            seen.add((v.kernel, v.label))
+            out.append(v)
+    return _both_alignments(out)
+
+
+def _both_alignments(variants: List[Variant]) -> List[Variant]:
+    out = []
+    for v in variants:
+        out.append(v)
+        out.append(v._replace(label=v.label + " div16", aligned=True))
+    return out
+
+
+def representative_variants() -> List[Variant]:
+    """A small subset for CI: per kernel, its smallest fp32 configuration and, with every
+    optional branch switched on (mask, both gradients, the symmetry check), the C_PAD = 128
+    one (the benchmark shape) and the largest; plus the uint8-adjacency forward at C_PAD = 512."""
+    quick = [v for v in all_variants(full=False) if not v.aligned]
+    heavy = ("mask=1", "dL=1 dX=1", "fwd+sym")
+    picked: List[Variant] = []
+    for kernel in dict.fromkeys(v.kernel for v in quick):
+        mine = [v for v in quick if v.kernel == kernel and "u8" not in v.label]
+        loaded = [v for v in mine if any(h in v.label for h in heavy)] or mine
+        mid = [v for v in loaded if "C_PAD=128 " in v.label]
+        for v in [mine[0]] + mid[-1:] + [loaded[-1]]:
+            if v not in picked:
+                picked.append(v)
+    u8 = [v for v in quick if v.kernel == "adjacency_fwd_kernel" and "A=u8 fwd+sym" in v.label]
+    picked.append(u8[-1])
+    return _both_alignments(picked)
+
+
+def _kernel_fn(name: str):
+    from .kernels import adjacency, assignment, gram
+
+    for mod in (assignment, gram, adjacency):
+        if hasattr(mod, name):
+            return getattr(mod, name)
+    raise KeyError(name)
+
+
+class Result(NamedTuple):
+    kernel: str
+    label: str
+    target: int
+    registers: Optional[int]
+    spill_bytes: Optional[int]
+    shared: Optional[int]
+    error: Optional[str]
+
+    @property
+    def ok(self) -> bool:
+        return (self.error is None and self.spill_bytes == 0
+                and self.shared is not None and self.shared <= SMEM_LIMIT[self.target])
+
+
+_PTXAS_RE = re.compile(r"Used (\d+) registers")
+_SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _ptxas_usage(ptx: str, arch: int):
+    """(registers, spill bytes) of the one kernel in ``ptx``, from ``ptxas -v``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
+            capture_output=True, text=True, check=True,
+        )
+    log = proc.stderr + proc.stdout
+    regs = _PTXAS_RE.search(log)
+    spill = _SPILL_RE.search(log)
+    if regs is None or spill is None:
+        raise RuntimeError(f"could not read ptxas -v output:\n{log}")
+    return int(regs.group(1)), int(spill.group(1)) + int(spill.group(2))
+
+
+def compile_variant(v: Variant, arch: int) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        fn = _kernel_fn(v.kernel)
+        signature, constexprs, attrs = {}, {}, {}
+        for i, name in enumerate(fn.arg_names):
+            val = v.args[name]
+            if isinstance(val, str) and (val.startswith("*") or val in ("i32", "i64")):
+                signature[name] = val
+                # torch allocations are 16-byte aligned; triton's launcher specialises on it
+                if val.startswith("*") or (v.aligned and name.startswith("stride")):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "constexpr"
+                constexprs[name] = val
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+        regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
+        return Result(v.kernel, v.label, arch, regs, spills, int(compiled.metadata.shared), None)
+    except Exception as err:  # every failure is a row of the table, not a crash
+        msg = str(err).strip().splitlines()
+        return Result(v.kernel, v.label, arch, None, None, None,
+                      f"{type(err).__name__}: {msg[0] if msg else ''}"[:200])
+
+
+def _work(item):
+    v, arch = item
+    return compile_variant(v, arch)
+
+
+def run_check(variants: List[Variant], targets=TARGETS, jobs: int = 1, progress: bool = True):
+    items = [(v, arch) for v in variants for arch in targets]
+    results: List[Result] = []
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(items), desc="compile-check", unit="kernel", file=sys.stderr)
+        except ImportError:
+            bar = None
+    if jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(jobs) as pool:
+            for r in pool.imap(_work, items):
+                results.append(r)
+                if bar:
+                    bar.update()
+    else:
+        for item in items:
+            results.append(_work(item))
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+    return results
+
+
+def format_table(results: List[Result]) -> str:
+    head = f"{'kernel':<22} {'configuration':<52} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>8} {'limit B':>8}  status"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        status = "ok" if r.ok else ("ERROR " + r.error if r.error else
+                                    "SPILL" if r.spill_bytes else "SMEM>LIMIT")
+        lines.append(
+            f"{r.kernel:<22} {r.label:<52} {r.target:>3} "
+            f"{'-' if r.registers is None else r.registers:>5} "
+            f"{'-' if r.spill_bytes is None else r.spill_bytes:>8} "
+            f"{'-' if r.shared is None else r.shared:>8} {SMEM_LIMIT[r.target]:>8}  {status}"
+        )
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "compile-check",
+        help="compile every Triton kernel configuration for sm_80 and sm_90 (no GPU needed)",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="fp32 (and uint8 adjacency) specialisations only: every block "
+                        "configuration, fewer dtypes")
+    p.add_argument("--representative", action="store_true",
+                   help="per kernel: smallest, C_PAD=128 and largest configuration, fp32 (what "
+                        "CI runs)")
+    p.add_argument("--kernel", action="append", default=None, metavar="NAME",
+                   help="only kernels whose name contains NAME (repeatable)")
+    p.add_argument("--target", type=int, action="append", choices=TARGETS, default=None,
+                   help="compute capability to compile for (repeatable; default 80 and 90)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="parallel compiles (default: CPU count)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .cli import CLIError
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise CLIError("TRITON_INTERPRET is set: the interpreter replaces the kernels that "
+                       "compile-check compiles; run it with TRITON_INTERPRET unset")
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        raise CLIError(f"compile-check needs triton: {err}")
+    if args.jobs < 1:
+        raise CLIError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.quick and args.representative:
+        raise CLIError("--quick and --representative are exclusive")
+    variants = representative_variants() if args.representative else all_variants(not args.quick)
+    if args.kernel:
+        variants = [v for v in variants if any(k in v.kernel for k in args.kernel)]
+        if not variants:
+            raise CLIError(f"no kernel matches --kernel {args.kernel}")
+    results = run_check(variants, tuple(args.target or TARGETS), args.jobs,
+                        progress=not args.no_progress)
+    print(format_table(results))
+    bad = [r for r in results if not r.ok]
+    print(f"\n{len(results) - len(bad)}/{len(results)} kernel compilations ok"
+          + (f", {len(bad)} failed (compile error, spill or shared memory over the limit)" if bad else ""))
+    return 1 if bad else 0

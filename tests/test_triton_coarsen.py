@@ -1,0 +1,198 @@
+"""The Triton coarsening step against the float64 reference: outputs and every gradient.
+
+On CPU every kernel runs under TRITON_INTERPRET=1. Each case forces the block sizes that reach
+one branch of each launch helper (several row/column blocks with a partial last one, a single
+block, several reduction steps) and covers every C_PAD bucket from 16 to 512.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffpool_fast import dense_diff_pool
+from diffpool_fast.coarsen_triton import coarsen_triton, forced_blocks, unsupported_reason
+from diffpool_fast.reference import coarsen_reference, dense_diff_pool_reference
+from triton_cases import (
+    DEVICE, NAMES, assert_close_scaled, fresh_generator, make_inputs, nan_poisoned_allocations,
+    tolerance,
+)
+
+# triton 3.6's interpreter converts a loaded scalar to a loop bound via a 1-element array
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+SMALL = dict(row_n=16, row_k=16, adj_m=16, adj_k=16, gram_c=16, gram_k=16, gram_n=16,
+             grad_m=16, grad_n=16, grad_k=16)
+LARGE = dict(row_n=64, adj_m=64, adj_k=64, gram_c=64, gram_k=64, gram_n=64,
+             grad_m=64, grad_n=64, grad_k=64)
+
+# (B, N, C, F, x/s dtype, adj dtype, mask, symmetry, forced blocks)
+CASES = [
+    (4, 63, 10, 32, f32, f32, "pad", "sym", {}),
+    (4, 63, 10, 32, f32, f32, "pad", "asym", SMALL),
+    (1, 37, 5, 7, f32, torch.bool, "none", "sym", {}),
+    (3, 50, 37, 20, bf16, torch.uint8, "pad", "asym", SMALL),
+    (2, 45, 20, 33, f16, f16, "pad", "mixed", LARGE),
+    (2, 24, 100, 12, f32, torch.uint8, "pad", "sym", {}),
+    (2, 29, 130, 16, f32, f32, "pad", "asym", {}),
+    (2, 40, 300, 24, f32, bf16, "pad", "sym", {}),
+    (2, 70, 64, 130, f32, f32, "none", "asym", SMALL),
+    (1, 16, 16, 16, f32, f32, "none", "mixed", {}),
+    (3, 33, 3, 5, bf16, bf16, "pad", "mixed", SMALL),
+]
+
+
+def case_id(c):
+    B, N, C, F, xdt, adt, mask, sym, blocks = c
+    tag = "blocks16" if blocks is SMALL else "blocks64" if blocks is LARGE else "auto"
+    return f"B{B}-N{N}-C{C}-F{F}-{NAMES[xdt]}-adj_{NAMES[adt]}-{mask}-{sym}-{tag}"
+
+
+def _weights(outs, g):
+    return [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+
+
+def _weighted_sum(outs, ws):
+    return sum((o.to(torch.float64) * w.to(o.device)).sum() for o, w in zip(outs, ws))
+
+
+def run_and_compare(x, adj, s, mask, g, blocks=None, adj_symmetric=None,
+                    grads=("x", "s", "adj")):
+    """Forward + backward of coarsen_triton (NaN-poisoned allocations) vs float64 reference."""
+    adj_float = adj.is_floating_point()
+    want_adj_grad = "adj" in grads and adj_float
+    xt = x.detach().clone().requires_grad_("x" in grads)
+    st = s.detach().clone().requires_grad_("s" in grads)
+    at = adj.detach().clone().requires_grad_(want_adj_grad)
+    xr = x.detach().double().cpu().requires_grad_("x" in grads)
+    sr = s.detach().double().cpu().requires_grad_("s" in grads)
+    ar = adj.detach().double().cpu().requires_grad_(want_adj_grad)
+    mr = mask.cpu() if mask is not None else None
+
+    with nan_poisoned_allocations(), forced_blocks(**(blocks or {})):
+        outs = coarsen_triton(xt, at, st, mask, adj_symmetric=adj_symmetric)
+        ws = _weights(outs, g)
+        _weighted_sum(outs, ws).backward()
+    ref = coarsen_reference(xr, ar, sr, mr)
+    _weighted_sum(ref, ws).backward()
+
+    tol = tolerance(torch.float32)
+    names = ("out", "out_adj", "link_sq", "ent_sum")
+    for name, got, want in zip(names, outs, ref):
+        assert got.dtype == (torch.float64 if name in ("link_sq", "ent_sum") else torch.float32)
+        scale = None
+        if name == "link_sq":
+            # ||A||^2 - 2 tr + ||S^T S||^2 cancels: errors scale with the terms, not the result
+            S = torch.softmax(sr.detach(), -1) * (1.0 if mr is None else mr[..., None])
+            scale = (ar.detach() ** 2).sum() + ((S.transpose(1, 2) @ S) ** 2).sum()
+        assert_close_scaled(got, want, tol, name, scale)
+    for name, t, r in (("grad x", xt, xr), ("grad s", st, sr), ("grad adj", at, ar)):
+        if r.requires_grad:
+            assert t.grad is not None, f"{name} missing"
+            assert t.grad.dtype == t.dtype
+            assert_close_scaled(t.grad, r.grad, tolerance(t.dtype), name)
+        else:
+            assert t.grad is None
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_coarsen_matches_float64_reference(case):
+    B, N, C, F, xdt, adt, mask_mode, sym, blocks = case
+    g = fresh_generator()
+    x, adj, s, mask = make_inputs(B, N, C, F, xdt, adt, mask_mode, sym, g)
+    assert unsupported_reason(x, adj, s, mask) is None
+    run_and_compare(x, adj, s, mask, g, blocks)
+
+
+@pytest.mark.parametrize("flag", [True, False], ids=["adj_symmetric=True", "adj_symmetric=False"])
+def test_symmetry_flag(flag):
+    g = fresh_generator()
+    x, adj, s, mask = make_inputs(3, 41, 12, 9, f32, f32, "pad", "sym" if flag else "asym", g)
+    run_and_compare(x, adj, s, mask, g, SMALL, adj_symmetric=flag)
+
+
+@pytest.mark.parametrize("grads", [("s",), ("x", "adj"), ("adj",), ("x",)],
+                         ids=lambda gr: "grad_" + "+".join(gr))
+def test_partial_gradients(grads):
+    """Each NEED_* branch of the backward alone (no dX, no dL, no A^T S pass, ...)."""
+    g = fresh_generator()
+    x, adj, s, mask = make_inputs(2, 35, 11, 18, f32, f32, "pad", "asym", g)
+    run_and_compare(x, adj, s, mask, g, SMALL, grads=grads)
+
+
+def test_no_grad_forward_matches():
+    g = fresh_generator()
+    x, adj, s, mask = make_inputs(2, 30, 9, 8, f32, torch.bool, "pad", "sym", g)
+    with torch.no_grad(), nan_poisoned_allocations():
+        outs = coarsen_triton(x, adj, s, mask)
+    ref = coarsen_reference(x.double().cpu(), adj.double().cpu(), s.double().cpu(),
+                            mask.cpu())
+    for name, got, want in zip(("out", "out_adj", "link_sq", "ent_sum"), outs, ref):
+        scale = (adj.double() ** 2).sum() + want.abs().max() if name == "link_sq" else None
+        assert_close_scaled(got, want, tolerance(f32), name, scale)
+
+
+@pytest.mark.parametrize("normalize", [True, False, "graph"], ids=lambda n: f"normalize={n}")
+def test_dense_diff_pool_triton_backend(normalize):
+    """The public function on backend="triton" equals PyG's formulas, gradients included."""
+    g = fresh_generator()
+    x, adj, s, mask = make_inputs(3, 26, 7, 10, f32, f32, "pad", "sym", g)
+    xt, st = x.clone().requires_grad_(), s.clone().requires_grad_()
+    xr, sr = x.double().cpu().requires_grad_(), s.double().cpu().requires_grad_()
+    outs = dense_diff_pool(xt, adj, st, mask, normalize=normalize, backend="triton")
+    if normalize == "graph":
+        ref = dense_diff_pool(xr, adj.double().cpu(), sr, mask.cpu(), normalize="graph",
+                              backend="torch")
+    else:
+        ref = dense_diff_pool_reference(xr, adj.double().cpu(), sr, mask.cpu(), normalize)
+    ws = _weights(outs, g)
+    _weighted_sum(outs, ws).backward()
+    _weighted_sum(ref, ws).backward()
+    for name, got, want in zip(("out", "out_adj", "link", "ent"), outs, ref):
+        assert_close_scaled(got, want, 1e-4 if DEVICE == "cpu" else 5e-3, name)
+    assert_close_scaled(xt.grad, xr.grad, tolerance(f32), "grad x")
+    assert_close_scaled(st.grad, sr.grad, 1e-4 if DEVICE == "cpu" else 5e-3, "grad s")
+
+
+def test_two_level_hierarchy_gradients():
+    """Level 2 coarsens level 1's out_adj (symmetric in exact arithmetic, not bitwise), so
+    gradients reach level 1's assignment through dA and the A^T S pass."""
+    g = fresh_generator()
+    B, N, C1, C2, F = 2, 31, 13, 5, 6
+    x, adj, s1, mask = make_inputs(B, N, C1, F, f32, f32, "pad", "sym", g)
+    s2_w = torch.randn(F, C2, generator=g).to(DEVICE)
+
+    def two_levels(x, adj, s1, mask, coarsen, w):
+        out1, adj1, l1, e1 = coarsen(x, adj, s1, mask)
+        s2 = out1 @ w
+        out2, adj2, l2, e2 = coarsen(out1, adj1, s2, None)
+        return out2, adj2, l1 + l2, e1 + e2
+
+    xt, st = x.clone().requires_grad_(), s1.clone().requires_grad_()
+    with nan_poisoned_allocations(), forced_blocks(**SMALL):
+        outs = two_levels(xt, adj, st, mask, coarsen_triton, s2_w)
+        ws = _weights(outs, g)
+        _weighted_sum(outs, ws).backward()
+    xr, sr = x.double().cpu().requires_grad_(), s1.double().cpu().requires_grad_()
+    ref = two_levels(xr, adj.double().cpu(), sr, mask.cpu(), coarsen_reference,
+                     s2_w.double().cpu())
+    _weighted_sum(ref, ws).backward()
+    for name, got, want in zip(("out2", "adj2"), outs, ref):
+        assert_close_scaled(got, want, tolerance(f32), name)
+    assert_close_scaled(xt.grad, xr.grad, 5 * tolerance(f32), "grad x")
+    assert_close_scaled(st.grad, sr.grad, 5 * tolerance(f32), "grad s")
+
+
+def test_symmetric_adjacency_gives_bitwise_symmetric_out_adj():
+    """A symmetric A is detected (asym flag 0) and its A' comes out exactly symmetric, so the
+    next level's check passes too; a non-symmetric graph in the same batch is flagged."""
+    g = fresh_generator()
+    x, adj, s, mask = make_inputs(3, 37, 11, 6, f32, f32, "pad", "mixed", g)
+    outs = torch.ops.diffpool_fast.coarsen(x, adj, s, mask, True, -1)
+    out_adj, asym = outs[1], outs[7]
+    assert asym.tolist() == [0, 1, 1]
+    assert torch.equal(out_adj[0], out_adj[0].transpose(0, 1))
+    x2 = outs[0][:1].contiguous()
+    level2 = torch.ops.diffpool_fast.coarsen(x2, out_adj[:1].contiguous(), x2[:, :, :4].clone(),
+                                             None, True, -1)
+    assert level2[7].tolist() == [0]
