@@ -90,6 +90,6 @@ def coarsen(
             raise RuntimeError(f"the Triton path is not available in this build: {err}") from err
         reason = coarsen_triton.unsupported_reason(x, adj, s, mask)
         if reason is None:
-            return coarsen_triton.coarsen_triton(x, adj, s, mask)
+            return coarsen_triton.coarsen_triton(x, adj, s, mask, adj_symmetric=adj_symmetric)
         _warn_once(reason, f"diffpool_fast: falling back to the torch path: {reason}")
     return coarsen_torch(x, adj, s, mask, adj_symmetric)
