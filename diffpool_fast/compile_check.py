@@ -1,11 +1,13 @@
 """``diffpool-fast compile-check``: compile every Triton kernel ahead of time, without a GPU.
 
 Each kernel is compiled with ``triton.compile`` for every block configuration its launch helper
-can pick (the helpers' ``*_configs()`` tables), crossed with the dtype and flag specialisations
-that change its code, for sm_80 (A100) and sm_90 (H100). For each compiled kernel the table
-shows registers a thread and spilled bytes (from ``ptxas -v`` on the generated PTX, the same
-ptxas triton uses) and the dynamic shared memory triton allocates. Exit status 1 on a compile
-error, any spill, or shared memory above the target's per-block limit.
+can pick (the helpers' tables), crossed with the dtype and flag specialisations that change its
+code, with and without 16-divisible strides (``div16``: how triton's launcher specialises them
+when N is a multiple of 16), for sm_80 (A100) and sm_90 (H100). For each compiled kernel the
+table shows registers a thread (under the ``maxnreg`` cap the launches pass), spilled bytes
+(``ptxas -v`` on the generated PTX, with the ptxas triton uses) and the dynamic shared memory
+triton allocates. Exit status 1 on a compile error, any spill, or shared memory above the
+target's per-block limit.
 """
 from __future__ import annotations
 
@@ -227,6 +229,8 @@ def compile_variant(v: Variant, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .kernels import register_cap
+
     try:
         fn = _kernel_fn(v.kernel)
         signature, constexprs, attrs = {}, {}, {}
@@ -242,7 +246,8 @@ def compile_variant(v: Variant, arch: int) -> Result:
                 constexprs[name] = val
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+                                  options={"num_warps": v.num_warps, "num_stages": v.num_stages,
+                                           "maxnreg": register_cap(v.num_warps)})
         regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
         return Result(v.kernel, v.label, arch, regs, spills, int(compiled.metadata.shared), None)
     except Exception as err:  # every failure is a row of the table, not a crash

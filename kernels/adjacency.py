@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import register_cap
+
 ADJ_DOT_PRECISION = "tf32"
 
 
@@ -178,6 +180,7 @@ def adjacency_fwd(adj: torch.Tensor, S: torch.Tensor, check_sym: bool,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, C_PAD=c_pad,
         DOT_PRECISION=ADJ_DOT_PRECISION,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=register_cap(cfg.num_warps),
     )
     sums = part.to(torch.float64).sum(dim=2)
     if check_sym:
@@ -207,6 +210,7 @@ def adjacency_transpose_fwd(adj: torch.Tensor, S: torch.Tensor, asym: torch.Tens
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, C_PAD=c_pad,
         DOT_PRECISION=ADJ_DOT_PRECISION,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=register_cap(cfg.num_warps),
     )
     return AtS
 
@@ -286,5 +290,6 @@ def adjacency_bwd(adj: torch.Tensor, SH: torch.Tensor, S: torch.Tensor, two_g: t
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PRECISION=ADJ_DOT_PRECISION,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=register_cap(cfg.num_warps),
     )
     return dA

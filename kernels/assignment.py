@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import register_cap
+
 EPS = 1e-15
 #: the largest cluster count one program's rows can hold (C_PAD); beyond it, the torch path.
 MAX_C_PAD = 512
@@ -165,6 +167,7 @@ def assignment_fwd(s: torch.Tensor, mask: Optional[torch.Tensor], block_n: Optio
         mask_u8.stride(0) if mask is not None else 0,
         HAS_MASK=mask is not None, BLOCK_N=cfg.block_n, C_PAD=c_pad,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=register_cap(cfg.num_warps),
     )
     return S, ent_part.to(torch.float64).sum(dim=1)
 
@@ -312,5 +315,6 @@ def assignment_bwd(
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, C_PAD=c_pad,
         DOT_PRECISION=cfg.dot_precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=register_cap(cfg.num_warps),
     )
     return dL, dX

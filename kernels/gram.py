@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import register_cap
+
 GRAM_DOT_PRECISION = "tf32x3"
 
 
@@ -112,5 +114,6 @@ def gram_fwd(S: torch.Tensor, Y: torch.Tensor, block_c: Optional[int] = None,
         BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
         DOT_PRECISION=GRAM_DOT_PRECISION,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=register_cap(cfg.num_warps),
     )
     return out
