@@ -126,7 +126,10 @@ def register(sub) -> None:
     m.add_argument("--readout", choices=("mean", "max", "sum"), default="mean")
     m.add_argument("--readout-levels", choices=("last", "all"), default="last")
     m.add_argument("--dropout", type=float, default=0.0)
-    m.add_argument("--no-batch-norm", dest="batch_norm", action="store_false")
+    m.add_argument("--norm", choices=("batch", "layer", "none"), default="none",
+                   help="normalisation after each GNN layer: batch norm over real nodes, per-node layer norm, or none. "
+                        "Batch norm with size-bucketed batches (the default batching) is biased when the class "
+                        "correlates with graph size (PROTEINS, MUTAG): use it with --no-bucket")
     m.add_argument("--link-weight", type=_nonneg_float, default=1.0)
     m.add_argument("--ent-weight", type=_nonneg_float, default=1.0)
     m.add_argument("--link-norm", choices=("graph", "numel", "none"), default="graph", help="link-loss scaling (dense_diff_pool's normalize)")
@@ -242,7 +245,7 @@ def _build_model(cfg: dict, ds):
         ds.num_features, ds.num_classes, max_nodes=ds.max_nodes, num_levels=cfg["levels"],
         ratio=cfg["ratio"], clusters=cfg["clusters"], hidden=cfg["hidden"], gnn=cfg["gnn"],
         layers=cfg["layers"], jk=cfg["jk"], readout=cfg["readout"], readout_levels=cfg["readout_levels"],
-        dropout=cfg["dropout"], batch_norm=cfg["batch_norm"], link_weight=cfg["link_weight"],
+        dropout=cfg["dropout"], batch_norm=cfg["norm"], link_weight=cfg["link_weight"],
         ent_weight=cfg["ent_weight"], link_norm=cfg["link_norm"], backend=cfg["backend"],
     )
 
@@ -361,6 +364,10 @@ def run(args) -> int:
     from .model import cluster_counts
 
     _validate(args)
+    if args.norm == "batch" and args.bucket:
+        print("diffpool-fast train: warning: --norm batch with size-bucketed batches: each batch's statistics "
+              "come from graphs of one size, which biases them when the class correlates with size; "
+              "consider --no-bucket or --norm none", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -483,7 +490,9 @@ def run(args) -> int:
                     "epoch_seconds_mean": sum(r["epoch_seconds"] for r in rows) / len(rows),
                     "n_train": len(tr), "n_val": len(va), "n_test": len(te)}
             state["fold_results"].append(fres)
-            state.update(fold=fold + 1, epoch=0, model=None, optimizer=None, elapsed=time.perf_counter() - t_start)
+            # The finished fold's final model is kept (last_model) for users and for checking resume.
+            state.update(fold=fold + 1, epoch=0, model=None, optimizer=None, last_model=model.state_dict(),
+                         elapsed=time.perf_counter() - t_start)
             _save_checkpoint(ckpt_path, state)
             fold_bar.update(1)
             fold_bar.set_postfix(test=f"{fres['test_acc']:.3f}")
