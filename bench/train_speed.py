@@ -3,9 +3,10 @@
 Setting of the issue: PROTEINS graphs with at most 150 nodes (PyG's example filter), batch 20,
 2 CPU threads, one optimiser step per batch (Adam, lr 1e-3), graphs/s over whole epochs.
 
-Providers, interleaved round by round (each round runs one epoch of every provider in turn, so a
-load spike from other jobs on the machine hits all of them alike); the table reports the
-median over rounds and the median of the per-round ratios to ``pyg-example``:
+Providers, interleaved: each round runs ``--steps`` training steps of every provider in turn
+(order reversed every other round), so a load spike from other jobs on the machine hits all of
+them alike; each provider's stream continues through successive epochs, so over the run it
+sees a representative mix of batches. Throughput = graphs timed / seconds timed:
 
 - ``pyg-example``: PyG's pipeline: TUDataset with ``ToDense(150)``, ``DenseDataLoader``, the
   example's network (``PyGDiffPoolNet``: DenseSAGEConv, ``torch_geometric.nn.dense_diff_pool``),
@@ -17,7 +18,9 @@ median over rounds and the median of the per-round ratios to ``pyg-example``:
   pooling), batches padded to 150, loss = CE + link + entropy.
 - ``ours-bucketed``: the same, with size-bucketed batches (each pads to its own largest graph).
 
-Usage: python bench/train_speed.py [--data-root DIR] [--rounds 5] [--threads 2]
+Usage: OMP_WAIT_POLICY=PASSIVE python bench/train_speed.py [--data-root DIR] [--rounds 24] [--threads 2]
+(passive OpenMP waiting: on a machine shared with other jobs, spinning 2-thread OpenMP teams
+collapse to a few graphs/s for every provider.)
 Writes bench/train_speed.csv and bench/train_speed.md (command, machine, versions included).
 """
 from __future__ import annotations
@@ -50,7 +53,8 @@ def _default_root():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=_default_root())
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=14, help="training steps (batches) per provider per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--max-nodes", type=int, default=150)
@@ -109,72 +113,82 @@ def main(argv=None):
         loss.backward()
         opt.step()
 
-    def epoch_pyg_example(r):
+    # Every provider is an endless stream of training steps over successive epochs; a round runs
+    # `--steps` steps of each provider in turn (order reversed every other round), so load from
+    # other jobs on the machine falls on all providers alike.
+    def stream_pyg_example():
         net, opt = providers["pyg-example"][1:]
-        n = 0
-        for data in pyg_loader:
-            step_pyg(net, opt, data.x, data.adj, data.mask, data.y)
-            n += data.y.numel()
-        return n
+        while True:
+            for data in pyg_loader:
+                yield lambda d=data: step_pyg(net, opt, d.x, d.adj, d.mask, d.y), data.y.numel()
 
-    def epoch_pyg_ours_batches(r):
+    def stream_pyg_ours_batches():
         net, opt = providers["pyg-net-our-batches"][1:]
-        n = 0
-        for b in pad_loader.epoch(r):
-            step_pyg(net, opt, b.x, b.adj.float(), b.mask, b.y)
-            n += b.y.numel()
-        return n
+        for epoch in range(10**9):
+            for b in pad_loader.epoch(epoch):
+                yield lambda b=b: step_pyg(net, opt, b.x, b.adj.float(), b.mask, b.y), b.y.numel()
 
-    def epoch_ours(loader, key):
-        def run(r):
+    def stream_ours(loader, key):
+        def gen():
             net, opt = providers[key][1:]
-            n = 0
-            for b in loader.epoch(r):
-                step_ours(net, opt, b.x, b.adj, b.mask, b.y)
-                n += b.y.numel()
-            return n
-        return run
+            for epoch in range(10**9):
+                for b in loader.epoch(epoch):
+                    yield lambda b=b: step_ours(net, opt, b.x, b.adj, b.mask, b.y), b.y.numel()
+        return gen
 
     providers = {
-        "pyg-example": (epoch_pyg_example, pyg_net, torch.optim.Adam(pyg_net.parameters(), 1e-3)),
-        "pyg-net-our-batches": (epoch_pyg_ours_batches, pyg_net2, torch.optim.Adam(pyg_net2.parameters(), 1e-3)),
-        "ours-padded": (epoch_ours(pad_loader, "ours-padded"), ours_pad, torch.optim.Adam(ours_pad.parameters(), 1e-3)),
-        "ours-bucketed": (epoch_ours(bkt_loader, "ours-bucketed"), ours_bkt, torch.optim.Adam(ours_bkt.parameters(), 1e-3)),
+        "pyg-example": [stream_pyg_example, pyg_net, torch.optim.Adam(pyg_net.parameters(), 1e-3)],
+        "pyg-net-our-batches": [stream_pyg_ours_batches, pyg_net2, torch.optim.Adam(pyg_net2.parameters(), 1e-3)],
+        "ours-padded": [stream_ours(pad_loader, "ours-padded"), ours_pad, torch.optim.Adam(ours_pad.parameters(), 1e-3)],
+        "ours-bucketed": [stream_ours(bkt_loader, "ours-bucketed"), ours_bkt, torch.optim.Adam(ours_bkt.parameters(), 1e-3)],
     }
     names = [p for p in args.providers.split(",") if p]
+    streams = {}
     for p in names:
         if p not in providers:
             sys.exit(f"unknown provider {p!r}; choose from {', '.join(providers)}")
         providers[p][1].train()
+        streams[p] = providers[p][0]()
 
-    # Warm-up: a few batches each (allocator, first-call overheads).
-    for p in names:
-        fn = providers[p][0]
-        t0 = time.perf_counter()
-        fn(-1)
-        print(f"warm-up {p}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    def run_steps(p, k):
+        # Data loading (PyG's DenseDataLoader with ToDense, our collate) counts in the time.
+        n, t0 = 0, time.perf_counter()
+        for _ in range(k):
+            step, size = next(streams[p])
+            step()
+            n += size
+        return n, time.perf_counter() - t0
 
-    rate = {p: [] for p in names}
+    for p in names:  # warm-up
+        n, dt = run_steps(p, 5)
+        print(f"warm-up {p}: {n / dt:.1f} graphs/s", file=sys.stderr)
+
+    graphs = {p: [] for p in names}
+    seconds = {p: [] for p in names}
     for r in range(args.rounds):
-        for p in names:
-            t0 = time.perf_counter()
-            n = providers[p][0](r)
-            dt = time.perf_counter() - t0
-            rate[p].append(n / dt)
-            print(f"round {r + 1}/{args.rounds} {p:<22} {n / dt:8.1f} graphs/s", file=sys.stderr)
+        order = names if r % 2 == 0 else names[::-1]
+        for p in order:
+            n, dt = run_steps(p, args.steps)
+            graphs[p].append(n)
+            seconds[p].append(dt)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{p} {graphs[p][-1] / seconds[p][-1]:.0f}" for p in names)
+              + " graphs/s", file=sys.stderr)
     shutil.rmtree(tmp, ignore_errors=True)
+    rate = {p: [g / t for g, t in zip(graphs[p], seconds[p])] for p in names}
 
     base = "pyg-example" if "pyg-example" in names else names[0]
-    command = "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:]))
+    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ)
+    command = env + "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:]))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}, {platform.platform()}"
     versions = f"torch {torch.__version__}, torch_geometric {torch_geometric.__version__}, diffpool_fast {__version__}, python {platform.python_version()}"
     rows = []
     for p in names:
-        ratios = [a / b for a, b in zip(rate[p], rate[base])]
-        rows.append({"provider": p, "graphs_per_s_median": statistics.median(rate[p]),
-                     "graphs_per_s_min": min(rate[p]), "graphs_per_s_max": max(rate[p]),
-                     "speedup_vs_" + base + "_median": statistics.median(ratios),
-                     "rounds": args.rounds, "graphs_per_epoch": n_graphs, "batch_size": B, "max_nodes": M,
+        total = sum(graphs[p]) / sum(seconds[p])
+        rows.append({"provider": p, "graphs_per_s": total,
+                     "speedup_vs_" + base: total / (sum(graphs[base]) / sum(seconds[base])),
+                     "round_rate_min": min(rate[p]), "round_rate_median": statistics.median(rate[p]),
+                     "round_rate_max": max(rate[p]), "graphs_timed": sum(graphs[p]),
+                     "rounds": args.rounds, "steps_per_round": args.steps, "graphs_per_epoch": n_graphs, "batch_size": B, "max_nodes": M,
                      "threads": args.threads, "command": command, "machine": machine, "versions": versions})
     out = Path(args.out)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
@@ -185,19 +199,20 @@ def main(argv=None):
         "# Training throughput: PyG's DiffPool example vs DiffPoolClassifier",
         "",
         f"PROTEINS graphs with <= {M} nodes ({n_graphs} graphs), batch {B}, {args.threads} CPU threads, "
-        f"Adam step per batch; {args.rounds} interleaved rounds of one epoch per provider; medians.",
+        f"Adam step per batch, data loading included; {args.rounds} interleaved rounds of {args.steps} steps per "
+        "provider (order reversed every other round); graphs/s = all graphs timed / all seconds timed.",
         "",
         f"- command: `{command}`",
         f"- machine: {machine}",
         f"- versions: {versions}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
-        f"| provider | graphs/s (median) | min | max | speedup vs {base} (median of per-round ratios) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        f"| provider | graphs/s | speedup vs {base} | per-round graphs/s min / median / max |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['provider']} | {r['graphs_per_s_median']:.1f} | {r['graphs_per_s_min']:.1f} | "
-                     f"{r['graphs_per_s_max']:.1f} | {r['speedup_vs_' + base + '_median']:.2f}x |")
+        lines.append(f"| {r['provider']} | {r['graphs_per_s']:.1f} | {r['speedup_vs_' + base]:.2f}x | "
+                     f"{r['round_rate_min']:.0f} / {r['round_rate_median']:.0f} / {r['round_rate_max']:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
