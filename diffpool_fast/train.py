@@ -135,8 +135,8 @@ def register(sub) -> None:
     m.add_argument("--link-norm", choices=("graph", "numel", "none"), default="graph", help="link-loss scaling (dense_diff_pool's normalize)")
 
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=None, help="output folder (default runs/<dataset>)")
-    o.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    o.add_argument("--out", default=None, help="output folder (default: a new runs/<dataset>/<date-time>/)")
+    o.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (without --out: the latest under runs/<dataset>/)")
     o.add_argument("--stop-after", type=_positive(int), default=None, help="stop after this many epochs in this invocation (checkpointed; continue with --resume)")
     o.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bars (auto: only on a terminal)")
     p.set_defaults(func=run)
@@ -353,6 +353,26 @@ def _rewrite_metrics(path: Path, rows) -> None:
             w.writerow({k: r[k] for k in METRIC_FIELDS})
 
 
+def _output_dir(args) -> Path:
+    """--out, or a new runs/<dataset>/<timestamp>/ (with --resume: the latest one there)."""
+    from .cli import CLIError
+
+    if args.out:
+        return Path(args.out)
+    base = Path("runs") / args.dataset
+    if args.resume:
+        runs = sorted(p for p in base.glob("*/") if (p / CHECKPOINT).is_file()) if base.is_dir() else []
+        if not runs:
+            raise CLIError(f"--resume: no run with a checkpoint under {base}/; pass --out DIR")
+        return runs[-1]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out, k = base / stamp, 1
+    while out.exists():
+        k += 1
+        out = base / f"{stamp}-{k}"
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 def run(args) -> int:
@@ -376,7 +396,7 @@ def run(args) -> int:
     if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise CLIError("--backend triton needs --device cuda (Triton kernels run on CUDA tensors); use --backend torch or auto on CPU")
 
-    out = Path(args.out or os.path.join("runs", args.dataset))
+    out = _output_dir(args)
     ckpt_path, metrics_path, results_path = out / CHECKPOINT, out / METRICS, out / RESULTS
     cfg = _run_config(args)
 
@@ -429,7 +449,7 @@ def run(args) -> int:
     t_start = time.perf_counter() - state["elapsed"]
     epochs_this_run = 0
     stopped = False
-    meta = {"dataset": summary, "device": str(device)}
+    meta = {"dataset_summary": summary, "device": str(device)}
     print(f"diffpool-fast train: {summary['name']}, {summary['graphs']} graphs, {summary['classes']} classes, "
           f"{summary['features']} features, max {summary['max_nodes']} nodes; {args.folds} fold(s) x {args.epochs} epochs "
           f"on {device}; writing {out}/", file=sys.stderr)

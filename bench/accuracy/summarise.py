@@ -15,7 +15,7 @@ def main():
     for res_path in sorted(HERE.glob("*/results.json")):
         r = json.loads(res_path.read_text())
         run = res_path.parent.name
-        name = r["dataset"]
+        name = r["config"]["dataset"]
         cfg = r["config"]
         accs = " ".join(f"{100 * f['test_acc']:.1f}" for f in r["folds"])
         norm = cfg.get("norm", "batch" if cfg.get("batch_norm", True) else "none")
