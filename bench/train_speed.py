@@ -213,6 +213,8 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['provider']} | {r['graphs_per_s']:.1f} | {r['speedup_vs_' + base]:.2f}x | "
                      f"{r['round_rate_min']:.0f} / {r['round_rate_median']:.0f} / {r['round_rate_max']:.0f} |")
+    lines += ["", "Notes: the machine may be shared with other jobs; compare providers only within one run.",
+              "Our bucketed gain is at level 0 only (cluster counts derive from max_nodes in both models)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
