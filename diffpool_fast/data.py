@@ -77,6 +77,19 @@ class GraphDataset:
     def __len__(self) -> int:
         return len(self.xs)
 
+    def flat(self) -> "_FlatGraphs":
+        """All graphs' node features and (graph-local) edges concatenated, built once."""
+        if getattr(self, "_flat", None) is None:
+            node_ptr = torch.zeros(len(self) + 1, dtype=torch.long)
+            node_ptr[1:] = torch.cumsum(self.num_nodes, 0)
+            e_counts = torch.tensor([e.shape[1] for e in self.edges], dtype=torch.long)
+            edge_ptr = torch.zeros(len(self) + 1, dtype=torch.long)
+            edge_ptr[1:] = torch.cumsum(e_counts, 0)
+            x = torch.cat(self.xs) if self.xs else torch.zeros(0, 0)
+            edges = torch.cat(self.edges, dim=1) if self.edges else torch.zeros(2, 0, dtype=torch.long)
+            self._flat = _FlatGraphs(x, node_ptr, edges, edge_ptr)
+        return self._flat
+
     @property
     def max_nodes(self) -> int:
         return int(self.num_nodes.max()) if len(self) else 0
@@ -99,6 +112,13 @@ class GraphDataset:
         }
 
 
+class _FlatGraphs(NamedTuple):
+    x: Tensor  # [total nodes, F]
+    node_ptr: Tensor  # [G + 1] first node of each graph
+    edges: Tensor  # [2, total edges], graph-local node ids
+    edge_ptr: Tensor  # [G + 1] first edge of each graph
+
+
 class DenseBatch(NamedTuple):
     x: Tensor  # [B, N, F] float
     adj: Tensor  # [B, N, N] bool
@@ -110,27 +130,34 @@ class DenseBatch(NamedTuple):
 
 
 def collate(ds: GraphDataset, indices: Sequence[int], pad_to: Optional[int] = None) -> DenseBatch:
-    """Dense batch of graphs ``indices``, padded to the largest of them (or to ``pad_to``)."""
-    idx = [int(i) for i in indices]
-    sizes = [ds.xs[i].shape[0] for i in idx]
-    N = max(sizes) if sizes else 0
+    """Dense batch of graphs ``indices``, padded to the largest of them (or to ``pad_to``).
+
+    Vectorised over the dataset's flat node and edge arrays: a few tensor ops per batch, no
+    Python loop over graphs.
+    """
+    flat = ds.flat()
+    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    B, F = len(idx), ds.num_features
+    sizes = ds.num_nodes[idx]
+    N = int(sizes.max()) if B else 0
     if pad_to is not None:
         if N > pad_to:
             raise ValueError(f"a graph has {N} nodes, more than pad_to={pad_to}")
         N = pad_to
-    B, F = len(idx), ds.num_features
     x = torch.zeros(B, N, F)
     adj = torch.zeros(B, N, N, dtype=torch.bool)
-    mask = torch.zeros(B, N, dtype=torch.bool)
     if B:
-        g_of_node = torch.repeat_interleave(torch.arange(B), torch.tensor(sizes))
-        pos = torch.cat([torch.arange(n) for n in sizes])
-        x[g_of_node, pos] = torch.cat([ds.xs[i] for i in idx])
-        mask[g_of_node, pos] = True
-        e = [ds.edges[i] for i in idx]
-        g_of_edge = torch.repeat_interleave(torch.arange(B), torch.tensor([t.shape[1] for t in e]))
-        ei = torch.cat(e, dim=1)
+        g_of_node = torch.repeat_interleave(torch.arange(B), sizes)
+        first = torch.cumsum(sizes, 0) - sizes
+        pos = torch.arange(len(g_of_node)) - first[g_of_node]
+        x[g_of_node, pos] = flat.x[flat.node_ptr[idx][g_of_node] + pos]
+        e_sizes = flat.edge_ptr[idx + 1] - flat.edge_ptr[idx]
+        g_of_edge = torch.repeat_interleave(torch.arange(B), e_sizes)
+        e_first = torch.cumsum(e_sizes, 0) - e_sizes
+        rows = flat.edge_ptr[idx][g_of_edge] + torch.arange(len(g_of_edge)) - e_first[g_of_edge]
+        ei = flat.edges[:, rows]
         adj[g_of_edge, ei[0], ei[1]] = True
+    mask = torch.arange(N)[None, :] < sizes[:, None]
     return DenseBatch(x, adj, mask, ds.y[idx])
 
 

@@ -36,6 +36,19 @@ def cluster_counts(max_nodes: int, num_levels: int, ratio: float = 0.25) -> List
     return counts
 
 
+#: Normalisation after each GNN layer: True/"batch" = batch norm over real nodes, "layer" = layer
+#: norm per node (independent of the batch), False/"none" = none.
+NORMS = (True, False, "batch", "layer", "none")
+
+
+class _NodeLayerNorm(nn.LayerNorm):
+    """Layer norm over each node's features; padded rows stay 0."""
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        out = super().forward(x)
+        return out if mask is None else out * mask.unsqueeze(-1).to(out.dtype)
+
+
 class DenseGNN(nn.Module):
     """``layers`` dense GNN layers, each followed by ReLU and batch norm over real nodes.
 
@@ -54,7 +67,7 @@ class DenseGNN(nn.Module):
         layers: int = 3,
         gnn: str = "sage",
         jk: bool = True,
-        batch_norm: bool = True,
+        batch_norm: Union[bool, str] = True,
         lin_out: Optional[int] = None,
     ):
         super().__init__()
@@ -64,7 +77,14 @@ class DenseGNN(nn.Module):
             raise ValueError(f"gnn must be one of {LAYER_TYPES}, got {gnn!r}")
         widths = [in_channels] + [hidden] * (layers - 1) + [out_channels]
         self.convs = nn.ModuleList(make_layer(gnn, a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.norms = nn.ModuleList(MaskedBatchNorm(b) for b in widths[1:]) if batch_norm else None
+        if batch_norm not in NORMS:
+            raise ValueError(f"batch_norm must be one of {NORMS}, got {batch_norm!r}")
+        if batch_norm is True or batch_norm == "batch":
+            self.norms = nn.ModuleList(MaskedBatchNorm(b) for b in widths[1:])
+        elif batch_norm == "layer":
+            self.norms = nn.ModuleList(_NodeLayerNorm(b) for b in widths[1:])
+        else:
+            self.norms = None
         self.jk = jk
         cat = sum(widths[1:]) if jk else out_channels
         self.lin = nn.Linear(cat, lin_out) if lin_out is not None else None
@@ -122,7 +142,7 @@ class DiffPool(nn.Module):
         gnn: str = "sage",
         layers: int = 3,
         jk: bool = True,
-        batch_norm: bool = True,
+        batch_norm: Union[bool, str] = True,
         link_norm: Union[bool, str] = "graph",
         backend: str = "auto",
     ):
@@ -204,8 +224,10 @@ class DiffPoolClassifier(nn.Module):
         readout: ``"mean"``, ``"max"`` or ``"sum"`` over nodes. readout_levels: ``"last"`` reads
             out only the final embedding; ``"all"`` concatenates the readouts of the input
             level's embedding and of every coarsened level (the DiffPool code's ``concat``).
-        dropout: dropout on the readout and in the head. batch_norm: masked batch norm after
-            every GNN layer.
+        dropout: dropout on the readout and in the head. batch_norm: normalisation after every
+            GNN layer: True/"batch" (batch norm over real nodes; statistics from the batch, so
+            batches of one graph size bias them when the class correlates with size), "layer"
+            (per-node layer norm) or False/"none".
         link_weight, ent_weight: weights of the auxiliary losses.
         link_norm: link-loss scaling passed to ``dense_diff_pool`` (default ``"graph"``).
         backend: coarsening backend, ``"auto"``, ``"torch"`` or ``"triton"``.
@@ -233,7 +255,7 @@ class DiffPoolClassifier(nn.Module):
         readout: str = "mean",
         readout_levels: str = "last",
         dropout: float = 0.0,
-        batch_norm: bool = True,
+        batch_norm: Union[bool, str] = True,
         link_weight: float = 1.0,
         ent_weight: float = 1.0,
         link_norm: Union[bool, str] = "graph",

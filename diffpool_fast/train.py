@@ -126,14 +126,17 @@ def register(sub) -> None:
     m.add_argument("--readout", choices=("mean", "max", "sum"), default="mean")
     m.add_argument("--readout-levels", choices=("last", "all"), default="last")
     m.add_argument("--dropout", type=float, default=0.0)
-    m.add_argument("--no-batch-norm", dest="batch_norm", action="store_false")
+    m.add_argument("--norm", choices=("batch", "layer", "none"), default="none",
+                   help="normalisation after each GNN layer: batch norm over real nodes, per-node layer norm, or none. "
+                        "Batch norm with size-bucketed batches (the default batching) is biased when the class "
+                        "correlates with graph size (PROTEINS, MUTAG): use it with --no-bucket")
     m.add_argument("--link-weight", type=_nonneg_float, default=1.0)
     m.add_argument("--ent-weight", type=_nonneg_float, default=1.0)
     m.add_argument("--link-norm", choices=("graph", "numel", "none"), default="graph", help="link-loss scaling (dense_diff_pool's normalize)")
 
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=None, help="output folder (default runs/<dataset>)")
-    o.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    o.add_argument("--out", default=None, help="output folder (default: a new runs/<dataset>/<date-time>/)")
+    o.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (without --out: the latest under runs/<dataset>/)")
     o.add_argument("--stop-after", type=_positive(int), default=None, help="stop after this many epochs in this invocation (checkpointed; continue with --resume)")
     o.add_argument("--progress", choices=("auto", "on", "off"), default="auto", help="progress bars (auto: only on a terminal)")
     p.set_defaults(func=run)
@@ -242,7 +245,7 @@ def _build_model(cfg: dict, ds):
         ds.num_features, ds.num_classes, max_nodes=ds.max_nodes, num_levels=cfg["levels"],
         ratio=cfg["ratio"], clusters=cfg["clusters"], hidden=cfg["hidden"], gnn=cfg["gnn"],
         layers=cfg["layers"], jk=cfg["jk"], readout=cfg["readout"], readout_levels=cfg["readout_levels"],
-        dropout=cfg["dropout"], batch_norm=cfg["batch_norm"], link_weight=cfg["link_weight"],
+        dropout=cfg["dropout"], batch_norm=cfg["norm"], link_weight=cfg["link_weight"],
         ent_weight=cfg["ent_weight"], link_norm=cfg["link_norm"], backend=cfg["backend"],
     )
 
@@ -350,6 +353,26 @@ def _rewrite_metrics(path: Path, rows) -> None:
             w.writerow({k: r[k] for k in METRIC_FIELDS})
 
 
+def _output_dir(args) -> Path:
+    """--out, or a new runs/<dataset>/<timestamp>/ (with --resume: the latest one there)."""
+    from .cli import CLIError
+
+    if args.out:
+        return Path(args.out)
+    base = Path("runs") / args.dataset
+    if args.resume:
+        runs = sorted(p for p in base.glob("*/") if (p / CHECKPOINT).is_file()) if base.is_dir() else []
+        if not runs:
+            raise CLIError(f"--resume: no run with a checkpoint under {base}/; pass --out DIR")
+        return runs[-1]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out, k = base / stamp, 1
+    while out.exists():
+        k += 1
+        out = base / f"{stamp}-{k}"
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 def run(args) -> int:
@@ -361,6 +384,10 @@ def run(args) -> int:
     from .model import cluster_counts
 
     _validate(args)
+    if args.norm == "batch" and args.bucket:
+        print("diffpool-fast train: warning: --norm batch with size-bucketed batches: each batch's statistics "
+              "come from graphs of one size, which biases them when the class correlates with size; "
+              "consider --no-bucket or --norm none", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -369,7 +396,7 @@ def run(args) -> int:
     if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise CLIError("--backend triton needs --device cuda (Triton kernels run on CUDA tensors); use --backend torch or auto on CPU")
 
-    out = Path(args.out or os.path.join("runs", args.dataset))
+    out = _output_dir(args)
     ckpt_path, metrics_path, results_path = out / CHECKPOINT, out / METRICS, out / RESULTS
     cfg = _run_config(args)
 
@@ -422,7 +449,7 @@ def run(args) -> int:
     t_start = time.perf_counter() - state["elapsed"]
     epochs_this_run = 0
     stopped = False
-    meta = {"dataset": summary, "device": str(device)}
+    meta = {"dataset_summary": summary, "device": str(device)}
     print(f"diffpool-fast train: {summary['name']}, {summary['graphs']} graphs, {summary['classes']} classes, "
           f"{summary['features']} features, max {summary['max_nodes']} nodes; {args.folds} fold(s) x {args.epochs} epochs "
           f"on {device}; writing {out}/", file=sys.stderr)
@@ -483,7 +510,9 @@ def run(args) -> int:
                     "epoch_seconds_mean": sum(r["epoch_seconds"] for r in rows) / len(rows),
                     "n_train": len(tr), "n_val": len(va), "n_test": len(te)}
             state["fold_results"].append(fres)
-            state.update(fold=fold + 1, epoch=0, model=None, optimizer=None, elapsed=time.perf_counter() - t_start)
+            # The finished fold's final model is kept (last_model) for users and for checking resume.
+            state.update(fold=fold + 1, epoch=0, model=None, optimizer=None, last_model=model.state_dict(),
+                         elapsed=time.perf_counter() - t_start)
             _save_checkpoint(ckpt_path, state)
             fold_bar.update(1)
             fold_bar.set_postfix(test=f"{fres['test_acc']:.3f}")

@@ -1,0 +1,223 @@
+"""Training throughput: PyG's DiffPool example vs DiffPoolClassifier with the same architecture.
+
+Setting of the issue: PROTEINS graphs with at most 150 nodes (PyG's example filter), batch 20,
+2 CPU threads, one optimiser step per batch (Adam, lr 1e-3), graphs/s over whole epochs.
+
+Providers, interleaved: each round runs ``--steps`` training steps of every provider in turn
+(order reversed every other round), so a load spike from other jobs on the machine hits all of
+them alike; each provider's stream continues through successive epochs, so over the run it
+sees a representative mix of batches. Throughput = graphs timed / seconds timed:
+
+- ``pyg-example``: PyG's pipeline: TUDataset with ``ToDense(150)``, ``DenseDataLoader``, the
+  example's network (``PyGDiffPoolNet``: DenseSAGEConv, ``torch_geometric.nn.dense_diff_pool``),
+  loss = NLL only (the example drops the auxiliary losses).
+- ``pyg-net-our-batches``: the same network on our collated batches padded to 150 (float adj):
+  isolates the model from PyG's data loader.
+- ``ours-padded``: ``DiffPoolClassifier`` with the example's architecture (SAGE, hidden 64, 3
+  layers, JK, ratio 0.25 of 150 -> 38, 10 clusters, mean readout), torch backend (lean
+  pooling), batches padded to 150, loss = CE + link + entropy.
+- ``ours-bucketed``: the same, with size-bucketed batches (each pads to its own largest graph).
+
+Usage: OMP_WAIT_POLICY=PASSIVE python bench/train_speed.py [--data-root DIR] [--rounds 24] [--threads 2]
+(passive OpenMP waiting: on a machine shared with other jobs, spinning 2-thread OpenMP teams
+collapse to a few graphs/s for every provider.)
+Writes bench/train_speed.csv and bench/train_speed.md (command, machine, versions included).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def _default_root():
+    for cand in (os.environ.get("DIFFPOOL_FAST_DATA"), REPO.parent / "shared" / "tudata", REPO / "data"):
+        if cand and (Path(cand) / "PROTEINS").is_dir():
+            return str(cand)
+    return str(REPO / "data")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", default=_default_root())
+    ap.add_argument("--rounds", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=14, help="training steps (batches) per provider per round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--max-nodes", type=int, default=150)
+    ap.add_argument("--providers", default="pyg-example,pyg-net-our-batches,ours-padded,ours-bucketed")
+    ap.add_argument("--out", default=str(HERE / "train_speed"))
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    import torch_geometric
+    import torch_geometric.transforms as T
+    from torch_geometric.datasets import TUDataset
+    from torch_geometric.loader import DenseDataLoader
+
+    from diffpool_fast import __version__
+    from diffpool_fast.baselines import PyGDiffPoolNet
+    from diffpool_fast.data import DenseLoader, _link_raw, load_tu
+    from diffpool_fast.model import DiffPoolClassifier
+
+    M, B = args.max_nodes, args.batch_size
+    ds = load_tu("PROTEINS", args.data_root)
+    keep = [i for i in range(len(ds)) if int(ds.num_nodes[i]) <= M]
+    ds = ds.subset(keep)
+    n_graphs = len(ds)
+
+    # PyG's own pipeline on the same raw files (its own processed cache in a temp folder).
+    tmp = tempfile.mkdtemp(prefix="pyg_dense_")
+    src = Path(args.data_root) / "PROTEINS"
+    _link_raw(src / "raw" if (src / "raw").is_dir() else src, Path(tmp) / "PROTEINS" / "raw", "PROTEINS")
+    pyg_ds = TUDataset(tmp, "PROTEINS", transform=T.ToDense(M), pre_filter=lambda d: d.num_nodes <= M)
+    assert len(pyg_ds) == n_graphs, (len(pyg_ds), n_graphs)
+
+    torch.manual_seed(0)
+    pyg_net = PyGDiffPoolNet(ds.num_features, ds.num_classes, max_nodes=M)
+    pyg_net2 = PyGDiffPoolNet(ds.num_features, ds.num_classes, max_nodes=M)
+    ours_kw = dict(max_nodes=M, num_levels=2, ratio=0.25, hidden=64, gnn="sage", layers=3, jk=True,
+                   readout="mean", readout_levels="last", backend="torch")
+    ours_pad = DiffPoolClassifier(ds.num_features, ds.num_classes, **ours_kw)
+    ours_bkt = DiffPoolClassifier(ds.num_features, ds.num_classes, **ours_kw)
+    assert ours_pad.clusters == pyg_net.clusters, (ours_pad.clusters, pyg_net.clusters)
+
+    pyg_loader = DenseDataLoader(pyg_ds, batch_size=B, shuffle=True)
+    pad_loader = DenseLoader(ds, batch_size=B, shuffle=True, bucket=False, pad_to=M, seed=1)
+    bkt_loader = DenseLoader(ds, batch_size=B, shuffle=True, bucket=True, seed=1)
+
+    def step_pyg(net, opt, x, adj, mask, y):
+        opt.zero_grad()
+        out, _, _ = net(x, adj, mask)
+        loss = F.nll_loss(out, y.view(-1))
+        loss.backward()
+        opt.step()
+
+    def step_ours(net, opt, x, adj, mask, y):
+        opt.zero_grad()
+        logits, aux = net(x, adj, mask)
+        loss = F.cross_entropy(logits, y) + aux
+        loss.backward()
+        opt.step()
+
+    # Every provider is an endless stream of training steps over successive epochs; a round runs
+    # `--steps` steps of each provider in turn (order reversed every other round), so load from
+    # other jobs on the machine falls on all providers alike.
+    def stream_pyg_example():
+        net, opt = providers["pyg-example"][1:]
+        while True:
+            for data in pyg_loader:
+                yield lambda d=data: step_pyg(net, opt, d.x, d.adj, d.mask, d.y), data.y.numel()
+
+    def stream_pyg_ours_batches():
+        net, opt = providers["pyg-net-our-batches"][1:]
+        for epoch in range(10**9):
+            for b in pad_loader.epoch(epoch):
+                yield lambda b=b: step_pyg(net, opt, b.x, b.adj.float(), b.mask, b.y), b.y.numel()
+
+    def stream_ours(loader, key):
+        def gen():
+            net, opt = providers[key][1:]
+            for epoch in range(10**9):
+                for b in loader.epoch(epoch):
+                    yield lambda b=b: step_ours(net, opt, b.x, b.adj, b.mask, b.y), b.y.numel()
+        return gen
+
+    providers = {
+        "pyg-example": [stream_pyg_example, pyg_net, torch.optim.Adam(pyg_net.parameters(), 1e-3)],
+        "pyg-net-our-batches": [stream_pyg_ours_batches, pyg_net2, torch.optim.Adam(pyg_net2.parameters(), 1e-3)],
+        "ours-padded": [stream_ours(pad_loader, "ours-padded"), ours_pad, torch.optim.Adam(ours_pad.parameters(), 1e-3)],
+        "ours-bucketed": [stream_ours(bkt_loader, "ours-bucketed"), ours_bkt, torch.optim.Adam(ours_bkt.parameters(), 1e-3)],
+    }
+    names = [p for p in args.providers.split(",") if p]
+    streams = {}
+    for p in names:
+        if p not in providers:
+            sys.exit(f"unknown provider {p!r}; choose from {', '.join(providers)}")
+        providers[p][1].train()
+        streams[p] = providers[p][0]()
+
+    def run_steps(p, k):
+        # Data loading (PyG's DenseDataLoader with ToDense, our collate) counts in the time.
+        n, t0 = 0, time.perf_counter()
+        for _ in range(k):
+            step, size = next(streams[p])
+            step()
+            n += size
+        return n, time.perf_counter() - t0
+
+    for p in names:  # warm-up
+        n, dt = run_steps(p, 5)
+        print(f"warm-up {p}: {n / dt:.1f} graphs/s", file=sys.stderr)
+
+    graphs = {p: [] for p in names}
+    seconds = {p: [] for p in names}
+    for r in range(args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for p in order:
+            n, dt = run_steps(p, args.steps)
+            graphs[p].append(n)
+            seconds[p].append(dt)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{p} {graphs[p][-1] / seconds[p][-1]:.0f}" for p in names)
+              + " graphs/s", file=sys.stderr)
+    shutil.rmtree(tmp, ignore_errors=True)
+    rate = {p: [g / t for g, t in zip(graphs[p], seconds[p])] for p in names}
+
+    base = "pyg-example" if "pyg-example" in names else names[0]
+    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ)
+    command = env + "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:]))
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}, {platform.platform()}"
+    versions = f"torch {torch.__version__}, torch_geometric {torch_geometric.__version__}, diffpool_fast {__version__}, python {platform.python_version()}"
+    rows = []
+    for p in names:
+        total = sum(graphs[p]) / sum(seconds[p])
+        rows.append({"provider": p, "graphs_per_s": total,
+                     "speedup_vs_" + base: total / (sum(graphs[base]) / sum(seconds[base])),
+                     "round_rate_min": min(rate[p]), "round_rate_median": statistics.median(rate[p]),
+                     "round_rate_max": max(rate[p]), "graphs_timed": sum(graphs[p]),
+                     "rounds": args.rounds, "steps_per_round": args.steps, "graphs_per_epoch": n_graphs, "batch_size": B, "max_nodes": M,
+                     "threads": args.threads, "command": command, "machine": machine, "versions": versions})
+    out = Path(args.out)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        "# Training throughput: PyG's DiffPool example vs DiffPoolClassifier",
+        "",
+        f"PROTEINS graphs with <= {M} nodes ({n_graphs} graphs), batch {B}, {args.threads} CPU threads, "
+        f"Adam step per batch, data loading included; {args.rounds} interleaved rounds of {args.steps} steps per "
+        "provider (order reversed every other round); graphs/s = all graphs timed / all seconds timed.",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {machine}",
+        f"- versions: {versions}",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        f"| provider | graphs/s | speedup vs {base} | per-round graphs/s min / median / max |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['provider']} | {r['graphs_per_s']:.1f} | {r['speedup_vs_' + base]:.2f}x | "
+                     f"{r['round_rate_min']:.0f} / {r['round_rate_median']:.0f} / {r['round_rate_max']:.0f} |")
+    lines += ["", "Notes: the machine may be shared with other jobs; compare providers only within one run.",
+              "Our bucketed gain is at level 0 only (cluster counts derive from max_nodes in both models)."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""``diffpool-fast train``: outputs, exact resume after an interruption, clear errors."""
+import csv
+import json
+
+import pytest
+import torch
+
+from diffpool_fast import cli, train
+
+SMALL = ["train", "--synthetic-graphs", "48", "--epochs", "3", "--folds", "2", "--hidden", "8",
+         "--layers", "2", "--batch-size", "8", "--dropout", "0.2", "--progress", "off", "--seed", "4"]
+
+TIMING = {"train_seconds", "epoch_seconds"}
+
+
+def _rows(out):
+    with open(out / "metrics.csv") as f:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(f)]
+
+
+def _results(out):
+    res = json.loads((out / "results.json").read_text())
+    folds = [{k: v for k, v in f.items() if "seconds" not in k} for f in res["folds"]]
+    return res, folds
+
+
+def _last_model(out):
+    return torch.load(out / "checkpoint.pt", weights_only=False)["last_model"]
+
+
+def test_full_run_writes_metrics_and_results(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(SMALL + ["--out", str(out)]) == 0
+    rows = _rows(out)
+    assert [(r["fold"], r["epoch"]) for r in rows] == [(f, e) for f in ("1", "2") for e in ("1", "2", "3")]
+    res, folds = _results(out)
+    assert len(folds) == 2 and res["epochs"] == 3
+    for f in folds:
+        chosen = [r for r in rows if r["fold"] == str(f["fold"]) and r["epoch"] == str(f["best_epoch"])][0]
+        assert float(chosen["test_acc"]) == f["test_acc"]  # test accuracy at the selected epoch
+        fold_rows = [r for r in rows if r["fold"] == str(f["fold"])]
+        assert float(chosen["val_acc"]) == max(float(r["val_acc"]) for r in fold_rows)
+        assert f["n_train"] + f["n_val"] + f["n_test"] == 48
+    accs = [f["test_acc"] for f in folds]
+    assert res["test_acc_mean"] == pytest.approx(sum(accs) / 2)
+    assert res["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
+    assert res["config"]["hidden"] == 8 and res["config"]["dataset"] == "synthetic"
+    assert "cross-validation" in res["protocol"] and res["versions"]["torch"] == torch.__version__
+    # The output folder is not overwritten by accident.
+    assert cli.main(SMALL + ["--out", str(out)]) == 2
+
+
+def test_resume_after_interruptions_is_exact(tmp_path, monkeypatch, capsys):
+    ref = tmp_path / "ref"
+    assert cli.main(SMALL + ["--out", str(ref)]) == 0
+
+    out = tmp_path / "int"
+    # 1) a clean stop after 2 epochs (mid fold 1)
+    assert cli.main(SMALL + ["--out", str(out), "--stop-after", "2"]) == 0
+    assert len(_rows(out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    # 2) an interruption (Ctrl-C) in the middle of an epoch, after its training, before its
+    #    checkpoint: the epoch is lost and redone on resume.
+    real_evaluate = train._evaluate
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        # Calls 1-2: fold 1 epoch 3 (val, test); 3-4: fold 2 epoch 1; 5: fold 2 epoch 2.
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(train, "_evaluate", interrupted)
+    assert cli.main(SMALL + ["--out", str(out), "--resume"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(train, "_evaluate", real_evaluate)
+    assert len(_rows(out)) == 4  # fold 2's 2nd epoch trained but was never checkpointed
+    # 3) resume to the end
+    assert cli.main(SMALL + ["--out", str(out), "--resume"]) == 0
+
+    assert _rows(out) == _rows(ref)  # every metric of every epoch, bit for bit (as text)
+    assert _results(out)[1] == _results(ref)[1]
+    a, b = _last_model(out), _last_model(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # Resuming a finished run does nothing harmful and reports it again.
+    assert cli.main(SMALL + ["--out", str(out), "--resume"]) == 0
+
+
+def test_resume_refuses_other_options(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(SMALL + ["--out", str(out), "--stop-after", "1"]) == 0
+    args = [a if a != "8" or i != SMALL.index("--hidden") + 1 else "16" for i, a in enumerate(SMALL)]
+    assert cli.main(args + ["--out", str(out), "--resume"]) == 2
+    assert "hidden: 8 -> 16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "NOPE", "--data-root", "{tmp}"], "'NOPE' not found"),
+        (["--dataset", "MUTAG", "--data-root", "{tmp}/missing"], "does not exist"),
+        (["--epochs", "0"], "must be positive"),
+        (["--folds", "x"], "expected a int"),
+        (["--val-fraction", "0.7"], "--val-fraction"),
+        (["--gnn", "gat"], "invalid choice"),
+        (["--clusters", "4,0"], "positive integers"),
+        (["--resume"], "no checkpoint"),
+        (["--folds", "100", "--synthetic-graphs", "30"], "--folds 100"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_a_message(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        code = cli.main(["train", "--progress", "off", "--out", str(tmp_path / "o")] + argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    assert code != 0
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_cuda_request_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["train", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
