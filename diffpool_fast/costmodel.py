@@ -68,6 +68,9 @@ class Shape:
     adj_dtype: str = "float32"
     masked: bool = True
     symmetric: bool = True
+    #: our paths are told adj is symmetric (dense_diff_pool's adj_symmetric=True), so their
+    #: backward makes no pass over A; without the promise the torch path makes one A^T product.
+    promise_symmetric: bool = False
 
     def __post_init__(self):
         for name in ("batch", "nodes", "clusters", "features"):
@@ -99,7 +102,7 @@ class Shape:
 
     def with_batch(self, batch: int) -> "Shape":
         return Shape(batch, self.nodes, self.clusters, self.features, self.dtype,
-                     self.adj_dtype, self.masked, self.symmetric)
+                     self.adj_dtype, self.masked, self.symmetric, self.promise_symmetric)
 
     def label(self) -> str:
         return (f"B{self.batch}-N{self.nodes}-C{self.clusters}-F{self.features}-"

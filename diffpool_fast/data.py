@@ -94,6 +94,20 @@ class GraphDataset:
     def max_nodes(self) -> int:
         return int(self.num_nodes.max()) if len(self) else 0
 
+    @property
+    def undirected(self) -> bool:
+        """True when every graph's edge set equals its reverse, i.e. every dense adjacency is
+        symmetric: the model may then promise ``adj_symmetric`` to ``dense_diff_pool``."""
+        if getattr(self, "_undirected", None) is None:
+            def keys(src, dst, n):
+                return torch.unique(src * n + dst)
+
+            self._undirected = all(
+                torch.equal(keys(e[0], e[1], int(n)), keys(e[1], e[0], int(n)))
+                for e, n in zip(self.edges, self.num_nodes)
+            )
+        return self._undirected
+
     def subset(self, indices: Sequence[int]) -> "GraphDataset":
         idx = [int(i) for i in indices]
         return GraphDataset(self.name, [self.xs[i] for i in idx], [self.edges[i] for i in idx], self.y[idx], self.num_classes, self.info)

@@ -129,6 +129,8 @@ class DiffPool(nn.Module):
             a node; independent of padding. ``True``/``"numel"`` or ``False``/``"none"``: PyG's
             batch-wide losses (``dense_diff_pool``'s ``normalize``), which depend on padding.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``dense_diff_pool``).
+        adj_symmetric: passed to ``dense_diff_pool``: True promises a symmetric adjacency, so
+            the backward pass needs no pass over it; None (default) is always correct.
 
     ``forward(x, adj, mask)`` returns a :class:`DiffPoolOutput`.
     """
@@ -145,6 +147,7 @@ class DiffPool(nn.Module):
         batch_norm: Union[bool, str] = True,
         link_norm: Union[bool, str] = "graph",
         backend: str = "auto",
+        adj_symmetric: Optional[bool] = None,
     ):
         super().__init__()
         if clusters < 1:
@@ -158,6 +161,7 @@ class DiffPool(nn.Module):
         self.out_channels = self.embed.out_channels
         self.link_norm = link_norm
         self.backend = backend
+        self.adj_symmetric = adj_symmetric
 
     def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None) -> DiffPoolOutput:
         s = self.assign(x, adj, mask)
@@ -167,7 +171,8 @@ class DiffPool(nn.Module):
             # entropy (divided by B*N, padding included), this does not change with how far a
             # batch is padded, so size-bucketed and fully padded batches train the same model.
             out, out_adj, link_g, ent_g = dense_diff_pool(
-                z, adj, s, mask, normalize="graph", backend=self.backend, per_graph=True
+                z, adj, s, mask, normalize="graph", backend=self.backend, per_graph=True,
+                adj_symmetric=self.adj_symmetric,
             )
             if mask is None:
                 link, ent = link_g.mean(), ent_g.mean()
@@ -177,7 +182,8 @@ class DiffPool(nn.Module):
                 link, ent = (link_g * real).sum() / count, (ent_g * real).sum() / count
         else:
             out, out_adj, link, ent = dense_diff_pool(
-                z, adj, s, mask, normalize=self.link_norm, backend=self.backend
+                z, adj, s, mask, normalize=self.link_norm, backend=self.backend,
+                adj_symmetric=self.adj_symmetric,
             )
         return DiffPoolOutput(out, out_adj, link, ent, z, s)
 
@@ -231,6 +237,10 @@ class DiffPoolClassifier(nn.Module):
         link_weight, ent_weight: weights of the auxiliary losses.
         link_norm: link-loss scaling passed to ``dense_diff_pool`` (default ``"graph"``).
         backend: coarsening backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+        adj_symmetric: True promises undirected input graphs (symmetric adjacency); every level
+            then passes ``adj_symmetric=True`` to ``dense_diff_pool``, whose backward makes no
+            pass over the adjacency. The coarsened S^T A S is symmetric only up to rounding, so
+            deeper levels' gradients then use A S for A^T S: a rounding-level difference.
 
     ``forward(x, adj, mask=None)`` returns ``(logits [B, num_classes], aux)`` with
     ``aux = link_weight * sum_l link_l + ent_weight * sum_l ent_l`` summed over the pooling
@@ -260,6 +270,7 @@ class DiffPoolClassifier(nn.Module):
         ent_weight: float = 1.0,
         link_norm: Union[bool, str] = "graph",
         backend: str = "auto",
+        adj_symmetric: Optional[bool] = None,
     ):
         super().__init__()
         if in_channels < 1 or num_classes < 1:
@@ -284,7 +295,10 @@ class DiffPoolClassifier(nn.Module):
         self.levels = nn.ModuleList()
         width = in_channels
         for c in self.clusters:
-            level = DiffPool(width, c, link_norm=link_norm, backend=backend, **kw)
+            # S^T A S of a symmetric A is symmetric (up to rounding), so the promise carries
+            # down the levels.
+            level = DiffPool(width, c, link_norm=link_norm, backend=backend,
+                             adj_symmetric=adj_symmetric, **kw)
             self.levels.append(level)
             width = level.out_channels
         self.final = DenseGNN(width, hidden, hidden, layers=layers, gnn=gnn, jk=jk, batch_norm=batch_norm)

@@ -89,6 +89,9 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per backend (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--density", type=float, default=0.05, help="edge probability (default 0.05)")
+    p.add_argument("--adj-symmetric", action="store_true",
+                   help="tell our backends the (generated, undirected) adjacency is symmetric: "
+                        "dense_diff_pool(..., adj_symmetric=True), no backward pass over adj")
     p.add_argument("--no-mask", action="store_true",
                    help="no padding mask (default: graphs of N/2..N real nodes, padded to N)")
     p.add_argument("--threads", type=int, default=None,
@@ -236,7 +239,7 @@ def build_config(args) -> Config:
     backends = _choice_list(args.backend, "backend", BACKENDS, all_=True)
     shapes = [
         Shape(args.batch, n, clusters_for(n, args.clusters), args.features, dtype, adj_dtype,
-              masked=not args.no_mask)
+              masked=not args.no_mask, promise_symmetric=args.adj_symmetric)
         for n in nodes
     ]
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -358,8 +361,10 @@ def make_backend(name: str, device: str, shape: Optional[Shape] = None) -> Backe
     from . import dispatch
     from .pool import dense_diff_pool
 
+    sym = True if (shape is not None and shape.promise_symmetric) else None
     if name == "torch":
-        return Backend(name, lambda x, adj, s, mask: dense_diff_pool(x, adj, s, mask, backend="torch"))
+        return Backend(name, lambda x, adj, s, mask: dense_diff_pool(x, adj, s, mask, backend="torch",
+                                                                     adj_symmetric=sym))
     if name == "triton":
         if not dispatch.triton_importable():
             return Backend(name, reason="triton is not installed (pip install 'diffpool_fast[triton]')")
@@ -370,7 +375,8 @@ def make_backend(name: str, device: str, shape: Optional[Shape] = None) -> Backe
             from . import coarsen_triton  # noqa: F401  (availability check)
         except ImportError as err:
             return Backend(name, reason=f"the Triton path is not in this build ({_first_line(err)})")
-        return Backend(name, lambda x, adj, s, mask: dense_diff_pool(x, adj, s, mask, backend="triton"))
+        return Backend(name, lambda x, adj, s, mask: dense_diff_pool(x, adj, s, mask, backend="triton",
+                                                                     adj_symmetric=sym))
     if name in ("pyg", "compile"):
         try:
             from torch_geometric.nn import dense_diff_pool as pyg_pool

@@ -247,6 +247,7 @@ def _build_model(cfg: dict, ds):
         layers=cfg["layers"], jk=cfg["jk"], readout=cfg["readout"], readout_levels=cfg["readout_levels"],
         dropout=cfg["dropout"], batch_norm=cfg["norm"], link_weight=cfg["link_weight"],
         ent_weight=cfg["ent_weight"], link_norm=cfg["link_norm"], backend=cfg["backend"],
+        adj_symmetric=True if ds.undirected else None,
     )
 
 

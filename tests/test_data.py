@@ -10,6 +10,7 @@ import torch
 from diffpool_fast.data import (
     DatasetError,
     DenseLoader,
+    GraphDataset,
     collate,
     load_tu,
     make_synthetic,
@@ -184,3 +185,12 @@ def test_generated_dataset_is_deterministic_and_well_formed():
         A[e[0], e[1]] = True
         assert torch.equal(A, A.t())
         assert torch.equal(x.argmax(1), A.sum(1).clamp_max(16))
+
+
+def test_undirected_flag():
+    ds = make_synthetic(num_graphs=12, seed=3)
+    assert ds.undirected
+    directed = GraphDataset("D", [torch.zeros(3, 1)], [torch.tensor([[0, 1], [1, 2]])], torch.tensor([0]), 1)
+    assert not directed.undirected
+    both = GraphDataset("U", [torch.zeros(3, 1)], [torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])], torch.tensor([0]), 1)
+    assert both.undirected

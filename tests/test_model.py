@@ -163,3 +163,19 @@ def test_loss_falls_on_generated_dataset():
     assert total_per_epoch[-1] < 0.8 * total_per_epoch[0], total_per_epoch
     # The classification part learns too (chance is ln 3 = 1.10).
     assert ce_per_epoch[-1] < min(ce_per_epoch[0], math.log(3)) - 0.1, ce_per_epoch
+
+
+def test_symmetric_promise_gives_the_same_training_signal():
+    # Undirected input graphs: promising adj_symmetric changes only how the backward gets A^T S
+    # (levels >= 1 are symmetric up to rounding), so gradients agree to rounding.
+    x, adj, mask, y = _random_batch(seed=None)
+    grads = []
+    for sym in (None, True):
+        torch.manual_seed(0)
+        model = DiffPoolClassifier(6, 3, max_nodes=17, num_levels=2, ratio=0.5, hidden=8,
+                                   layers=2, backend="torch", adj_symmetric=sym).double()
+        logits, aux = model(x.double(), adj, mask)
+        (F.cross_entropy(logits, y) + aux).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
