@@ -96,8 +96,10 @@ def make_model_backend(name: str, ms: ModelShape, device: str) -> ModelBackend:
 
         def build():
             torch.manual_seed(0)
+            # The generated graphs are undirected: promise it, as `diffpool-fast train` does for
+            # an undirected dataset.
             model = DiffPoolClassifier(ms.features, ms.classes, max_nodes=ms.max_nodes,
-                                       hidden=ms.hidden, backend=name).to(device)
+                                       hidden=ms.hidden, backend=name, adj_symmetric=True).to(device)
 
             def loss_fn(x, adj, mask, y):
                 logits, aux = model(x, adj, mask)
