@@ -156,6 +156,25 @@ def _adj_arg(adj: torch.Tensor) -> torch.Tensor:
     return adj.view(torch.uint8) if adj.dtype == torch.bool else adj
 
 
+def _launch_adjacency_fwd(a, S, out, part_ptr, flag_ptr, cfg: AdjConfig, c_pad: int, *,
+                          transpose: bool, fwd_terms: bool, check_sym: bool, skip_symmetric: bool):
+    """One launch of ``adjacency_fwd_kernel``: A S, or A^T S with A's row and column strides
+    swapped (``transpose``)."""
+    B, N, C = S.shape
+    n_blocks = triton.cdiv(N, cfg.block_m)
+    row_stride, col_stride = (a.stride(2), a.stride(1)) if transpose else (a.stride(1), a.stride(2))
+    adjacency_fwd_kernel[(B, n_blocks)](
+        a, S, out, part_ptr, flag_ptr,
+        N, C, n_blocks,
+        a.stride(0), row_stride, col_stride,
+        FWD_TERMS=fwd_terms, CHECK_SYM=check_sym, SKIP_SYMMETRIC=skip_symmetric,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, C_PAD=c_pad,
+        DOT_PRECISION=ADJ_DOT_PRECISION,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=register_cap(cfg.num_warps),
+    )
+
+
 def adjacency_fwd(adj: torch.Tensor, S: torch.Tensor, check_sym: bool,
                   block_m: Optional[int] = None, block_k: Optional[int] = None):
     """Launch the forward pass: returns (AS [B,N,C] fp32, adj_sq [B] f64, asym [B] int32
@@ -172,16 +191,8 @@ def adjacency_fwd(adj: torch.Tensor, S: torch.Tensor, check_sym: bool,
     a = _adj_arg(adj)
     AS = torch.empty((B, N, C), device=S.device, dtype=torch.float32)
     part = torch.empty((2, B, n_blocks), device=S.device, dtype=torch.float32)
-    adjacency_fwd_kernel[(B, n_blocks)](
-        a, S, AS, part, part,
-        N, C, n_blocks,
-        a.stride(0), a.stride(1), a.stride(2),
-        FWD_TERMS=True, CHECK_SYM=check_sym, SKIP_SYMMETRIC=False,
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, C_PAD=c_pad,
-        DOT_PRECISION=ADJ_DOT_PRECISION,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        maxnreg=register_cap(cfg.num_warps),
-    )
+    _launch_adjacency_fwd(a, S, AS, part, part, cfg, c_pad, transpose=False,
+                          fwd_terms=True, check_sym=check_sym, skip_symmetric=False)
     sums = part.to(torch.float64).sum(dim=2)
     if check_sym:
         asym = (sums[1] > 0).to(torch.int32)
@@ -199,19 +210,10 @@ def adjacency_transpose_fwd(adj: torch.Tensor, S: torch.Tensor, asym: torch.Tens
 
     c_pad = cluster_pad(C)
     cfg = adjacency_config(N, c_pad, block_m, block_k)
-    n_blocks = triton.cdiv(N, cfg.block_m)
     a = _adj_arg(adj)
     AtS = torch.empty((B, N, C), device=S.device, dtype=torch.float32)
-    adjacency_fwd_kernel[(B, n_blocks)](
-        a, S, AtS, AtS, asym,
-        N, C, n_blocks,
-        a.stride(0), a.stride(2), a.stride(1),
-        FWD_TERMS=False, CHECK_SYM=False, SKIP_SYMMETRIC=True,
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, C_PAD=c_pad,
-        DOT_PRECISION=ADJ_DOT_PRECISION,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        maxnreg=register_cap(cfg.num_warps),
-    )
+    _launch_adjacency_fwd(a, S, AtS, AtS, asym, cfg, c_pad, transpose=True,
+                          fwd_terms=False, check_sym=False, skip_symmetric=True)
     return AtS
 
 
