@@ -90,7 +90,8 @@ def main(argv=None):
     pyg_net = PyGDiffPoolNet(ds.num_features, ds.num_classes, max_nodes=M)
     pyg_net2 = PyGDiffPoolNet(ds.num_features, ds.num_classes, max_nodes=M)
     ours_kw = dict(max_nodes=M, num_levels=2, ratio=0.25, hidden=64, gnn="sage", layers=3, jk=True,
-                   readout="mean", readout_levels="last", backend="torch")
+                   readout="mean", readout_levels="last", backend="torch",
+                   adj_symmetric=True if ds.undirected else None)
     ours_pad = DiffPoolClassifier(ds.num_features, ds.num_classes, **ours_kw)
     ours_bkt = DiffPoolClassifier(ds.num_features, ds.num_classes, **ours_kw)
     assert ours_pad.clusters == pyg_net.clusters, (ours_pad.clusters, pyg_net.clusters)
