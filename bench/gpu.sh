@@ -11,12 +11,22 @@
 # run on a borrowed GPU gives all the evidence there is).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The lent GPU machines' `python3` holds torch, triton and torch_geometric; `python` may not exist.
+PY=${PYTHON:-python3}
 
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "bench/gpu.sh: no CUDA device visible to torch; this command needs a GPU" >&2
     exit 2
 fi
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
+gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
+# Install the package without touching the machine's torch/triton (no network there: no build
+# isolation, no dependencies).
+if ! $PY -c "import diffpool_fast.kernels" 2>/dev/null; then
+    $PY -m pip install -q --no-deps --no-build-isolation -e . || {
+        echo "bench/gpu.sh: could not install diffpool_fast (pip install --no-deps --no-build-isolation -e .)" >&2
+        exit 2
+    }
+fi
 OUT_DIR=${1:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)-$gpu}
 mkdir -p "$OUT_DIR"
 # The interpreter must be off: these runs are about the compiled kernels.
@@ -27,7 +37,7 @@ unset TRITON_INTERPRET DIFFPOOL_FAST_BACKEND
     echo "date (UTC): $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null
-    python - <<'PY'
+    $PY - <<'PY'
 import platform, torch, triton, numpy
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
       "| triton", triton.__version__, "| numpy", numpy.__version__)
@@ -43,13 +53,13 @@ cat "$OUT_DIR/env.txt"
 status=0
 start=$(date +%s)
 echo "== tests on CUDA =="
-timeout 300 python -m pytest -q tests 2>&1 | tee "$OUT_DIR/tests.log"
+timeout 300 $PY -m pytest -q tests 2>&1 | tee "$OUT_DIR/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench/gpu.sh: tests FAILED (see $OUT_DIR/tests.log)"; status=1; }
 echo "tests took $(( $(date +%s) - start )) s"
 
 start=$(date +%s)
 echo "== benchmark =="
-timeout 360 diffpool-fast profile --device cuda --backend all --mode fwd,bwd,full \
+timeout 360 $PY -m diffpool_fast profile --device cuda --backend all --mode fwd,bwd,full \
     --batch 64 --nodes 128,256,512,1024,2048 --clusters 128 --features 128 \
     --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/profile.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench/gpu.sh: benchmark FAILED (see $OUT_DIR/profile.log)"; status=1; }
