@@ -8,11 +8,13 @@ Forward, per graph (fp32 = 4 bytes; adj as bool/uint8 = 1 byte):
 Backward for s and x (A symmetric, no gradient into A: A is not read):
   read  X (N F), S (N C), A S (N C), g_out (C F), G (C^2); write dL (N C), dX (N F)
   FLOPs 2 N C F (X g_out^T) + 2 N C^2 ((A S) H) + 2 N C^2 (S H3) + 2 N C F (S g_out)
-  A non-symmetric A adds one read of A and 2 N^2 C FLOPs (A^T S), and 2 N C^2 ((A^T S) H2).
+  A non-symmetric A adds one read of A and 2 N^2 C FLOPs (A^T S).
 Predicted time = max(bytes / HBM bandwidth, FLOPs / tf32 tensor rate); the fp32 CUDA-core column
 shows why the N^2 C product must use tensor cores.
 """
 from __future__ import annotations
+
+from diffpool_fast.costmodel import Shape, floor_bytes, floor_flops
 
 HBM = 3.35e12  # H100 SXM HBM3, bytes/s
 TF32 = 495e12  # H100 SXM dense tf32 tensor-core FLOP/s
@@ -20,14 +22,13 @@ FP32 = 60e12  # H100 SXM fp32 non-tensor FLOP/s (~67 peak; 60 as in the issue)
 
 
 def counts(B, N, C, F, adj_bytes=4, el=4, symmetric=True):
-    fwd_bytes = B * (adj_bytes * N * N + el * (N * C + N * F + 2 * N * C + C * F + C * C))
-    fwd_flops = B * (2 * N * N * C + 4 * N * C * C + 2 * N * C * F)
-    bwd_bytes = B * el * (N * F + 2 * N * C + C * F + C * C + N * C + N * F)
-    bwd_flops = B * (4 * N * C * F + 4 * N * C * C)
-    if not symmetric:
-        bwd_bytes += B * adj_bytes * N * N + B * el * N * C
-        bwd_flops += B * (2 * N * N * C + 2 * N * C * C)
-    return fwd_bytes, fwd_flops, bwd_bytes, bwd_flops
+    """(fwd bytes, fwd FLOPs, bwd bytes, bwd FLOPs): the counts above, from the package's cost
+    model (diffpool_fast.costmodel), which `diffpool-fast profile` also uses."""
+    assert el == 4, "this table is for fp32 x and s"
+    shape = Shape(B, N, C, F, adj_dtype="uint8" if adj_bytes == 1 else "float32", masked=False,
+                  symmetric=symmetric)
+    return (floor_bytes(shape, "fwd"), floor_flops(shape, "fwd"),
+            floor_bytes(shape, "bwd"), floor_flops(shape, "bwd"))
 
 
 def us(bytes_, flops, rate):
