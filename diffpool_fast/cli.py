@@ -13,7 +13,6 @@ from typing import List, Optional
 
 # (module, purpose) in the order they appear in --help.
 SUBCOMMAND_MODULES = (
-    "diffpool_fast.demo",  # demo: the main job on an embedded default
     "diffpool_fast.train",  # train: DiffPool graph classification on TU datasets / synthetic
     "diffpool_fast.profile",  # profile: memory and throughput of dense coarsening
     "diffpool_fast.compile_check",  # compile-check: ahead-of-time Triton compile for sm_80/sm_90
