@@ -5,6 +5,7 @@ coarsening runs on fused Triton kernels on CUDA and on a lean PyTorch path elsew
 """
 from .pool import dense_diff_pool
 from .dispatch import BACKENDS, BACKEND_ENV
+from .model import DiffPool, DiffPoolClassifier
 
 __version__ = "0.1.0"
-__all__ = ["dense_diff_pool", "BACKENDS", "BACKEND_ENV", "__version__"]
+__all__ = ["dense_diff_pool", "DiffPool", "DiffPoolClassifier", "BACKENDS", "BACKEND_ENV", "__version__"]
