@@ -17,6 +17,10 @@ sees a representative mix of batches. Throughput = graphs timed / seconds timed:
   layers, JK, ratio 0.25 of 150 -> 38, 10 clusters, mean readout), torch backend (lean
   pooling), batches padded to 150, loss = CE + link + entropy.
 - ``ours-bucketed``: the same, with size-bucketed batches (each pads to its own largest graph).
+  Both ``ours-*`` train as ``diffpool-fast train`` does: fused SAGE blocks (one autograd node per
+  GNN block, ``diffpool_fast.fused``) and fused Adam (``diffpool_fast.train._adam``).
+- ``ours-bucketed-modules``: ``ours-bucketed`` with the layer modules (no fused blocks) and the
+  default Adam, to show what the two fusions contribute.
 
 Usage: OMP_WAIT_POLICY=PASSIVE python bench/train_speed.py [--data-root DIR] [--rounds 24] [--threads 2]
 (passive OpenMP waiting: on a machine shared with other jobs, spinning 2-thread OpenMP teams
@@ -58,7 +62,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--max-nodes", type=int, default=150)
-    ap.add_argument("--providers", default="pyg-example,pyg-net-our-batches,ours-padded,ours-bucketed")
+    ap.add_argument("--providers", default="pyg-example,pyg-net-our-batches,ours-padded,ours-bucketed,ours-bucketed-modules")
     ap.add_argument("--out", default=str(HERE / "train_speed"))
     args = ap.parse_args(argv)
 
@@ -71,7 +75,8 @@ def main(argv=None):
     from diffpool_fast import __version__
     from diffpool_fast.baselines import PyGDiffPoolNet
     from diffpool_fast.data import DenseLoader, _link_raw, load_tu
-    from diffpool_fast.model import DiffPoolClassifier
+    from diffpool_fast.model import DenseGNN, DiffPoolClassifier
+    from diffpool_fast.train import _adam
 
     M, B = args.max_nodes, args.batch_size
     ds = load_tu("PROTEINS", args.data_root)
@@ -94,11 +99,16 @@ def main(argv=None):
                    adj_symmetric=True if ds.undirected else None)
     ours_pad = DiffPoolClassifier(ds.num_features, ds.num_classes, **ours_kw)
     ours_bkt = DiffPoolClassifier(ds.num_features, ds.num_classes, **ours_kw)
+    ours_mod = DiffPoolClassifier(ds.num_features, ds.num_classes, **ours_kw)
+    for mod in ours_mod.modules():
+        if isinstance(mod, DenseGNN):
+            mod.fused = False
     assert ours_pad.clusters == pyg_net.clusters, (ours_pad.clusters, pyg_net.clusters)
 
     pyg_loader = DenseDataLoader(pyg_ds, batch_size=B, shuffle=True)
     pad_loader = DenseLoader(ds, batch_size=B, shuffle=True, bucket=False, pad_to=M, seed=1)
     bkt_loader = DenseLoader(ds, batch_size=B, shuffle=True, bucket=True, seed=1)
+    bkt_loader2 = DenseLoader(ds, batch_size=B, shuffle=True, bucket=True, seed=1)
 
     def step_pyg(net, opt, x, adj, mask, y):
         opt.zero_grad()
@@ -140,8 +150,10 @@ def main(argv=None):
     providers = {
         "pyg-example": [stream_pyg_example, pyg_net, torch.optim.Adam(pyg_net.parameters(), 1e-3)],
         "pyg-net-our-batches": [stream_pyg_ours_batches, pyg_net2, torch.optim.Adam(pyg_net2.parameters(), 1e-3)],
-        "ours-padded": [stream_ours(pad_loader, "ours-padded"), ours_pad, torch.optim.Adam(ours_pad.parameters(), 1e-3)],
-        "ours-bucketed": [stream_ours(bkt_loader, "ours-bucketed"), ours_bkt, torch.optim.Adam(ours_bkt.parameters(), 1e-3)],
+        "ours-padded": [stream_ours(pad_loader, "ours-padded"), ours_pad, _adam(ours_pad, 1e-3, 0.0)],
+        "ours-bucketed": [stream_ours(bkt_loader, "ours-bucketed"), ours_bkt, _adam(ours_bkt, 1e-3, 0.0)],
+        "ours-bucketed-modules": [stream_ours(bkt_loader2, "ours-bucketed-modules"), ours_mod,
+                                  torch.optim.Adam(ours_mod.parameters(), 1e-3)],
     }
     names = [p for p in args.providers.split(",") if p]
     streams = {}

@@ -8,13 +8,15 @@ so levels >= 1 run without a mask.
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import LAYER_TYPES, MaskedBatchNorm, make_layer
+from .fused import sage_block
+from .layers import LAYER_TYPES, DenseSAGE, MaskedBatchNorm, _batched, make_layer
 from .pool import dense_diff_pool
 
 __all__ = ["DenseGNN", "DiffPool", "DiffPoolOutput", "DiffPoolClassifier", "cluster_counts", "READOUTS"]
@@ -89,8 +91,40 @@ class DenseGNN(nn.Module):
         cat = sum(widths[1:]) if jk else out_channels
         self.lin = nn.Linear(cat, lin_out) if lin_out is not None else None
         self.out_channels = lin_out if lin_out is not None else cat
+        #: Run SAGE blocks with JK as one autograd node (diffpool_fast.fused) where it applies;
+        #: False (or DIFFPOOL_FAST_FUSED=0 in the environment) always runs the layer modules.
+        self.fused = True
+
+    def _fused_count(self, x: Tensor, adj: Tensor, mask: Optional[Tensor]) -> Optional[int]:
+        """The real-node count when the fused SAGE block computes this call, else None."""
+        if not self.fused or not (self.jk or len(self.convs) == 1):
+            return None
+        if os.environ.get("DIFFPOOL_FAST_FUSED", "1") == "0":
+            return None
+        if not all(type(c) is DenseSAGE and not c.normalize and c.lin_root.bias is not None for c in self.convs):
+            return None
+        bn = self.norms is not None
+        if bn and not (self.training and all(type(n) is MaskedBatchNorm and n.affine for n in self.norms)):
+            return None
+        if x.dim() != 3 or adj.shape[0] != x.shape[0] or not x.is_floating_point():
+            return None
+        count = x.shape[0] * x.shape[1] if mask is None else int(mask.sum())
+        if bn and count < 2:
+            return None  # batch statistics of fewer than two rows: the modules use running ones
+        return count
 
     def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        x, adj, mask = _batched(x, adj, mask)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask != 0
+        count = self._fused_count(x, adj, mask)
+        if count is not None:
+            x = sage_block(x, adj, mask, count, self.convs, self.norms)
+            if self.lin is not None:
+                x = self.lin(x)
+                if mask is not None:
+                    x = x * mask.unsqueeze(-1).to(x.dtype)
+            return x
         outs = []
         for i, conv in enumerate(self.convs):
             x = F.relu(conv(x, adj, mask))
