@@ -1,44 +1,52 @@
-"""A whole GraphSAGE block as one autograd Function with a hand-written backward.
+"""GraphSAGE blocks as one autograd Function with a hand-written backward.
 
 At the sizes DiffPool trains on (tens to a few hundred nodes per graph, 64 channels) a training
-step is hundreds of small tensor operations, and the time goes to their per-operation overhead
-and autograd's bookkeeping, not to arithmetic. :class:`SageBlockFunction` computes what
-:class:`diffpool_fast.model.DenseGNN` computes for ``gnn="sage"`` in training mode, layer by
-layer ``ReLU(SAGE(h))`` followed by batch norm over the real nodes (or no norm), with the layer
-outputs concatenated (jumping knowledge), in about 20 tensor operations per layer each way and a
-single autograd node for the block.
+step is hundreds of small tensor operations; the matrix products are a small part of the time
+and the rest goes to the many elementwise passes and autograd's bookkeeping around them.
+:class:`SageBlocksFunction` computes what :class:`diffpool_fast.model.DenseGNN` computes for
+``gnn="sage"`` in training mode, layer by layer ``ReLU(SAGE(h))`` then batch norm over the real
+nodes (or no norm), with the layer outputs concatenated (jumping knowledge), for G blocks at once
+that read the same input graph: a DiffPool level's embedding and assignment GNNs. The G blocks'
+channels sit side by side, so each layer makes one product with A, one pass per elementwise step
+and one batch norm for all of them (batch norm is per channel, so this is exact), and the whole
+thing is one autograd node.
 
 Per layer, with m the node mask (1 = real node), deg = A's row sums, q = 1 / max(deg, 1):
 
     rel  = h W_rel^T                  (the product with A runs after the linear map)
     pre  = h W_root^T + b + q * (A rel)
     r    = m * relu(pre)
-    out  = m * (r k + t)              k = w / sqrt(var + eps), t = beta - mean k
+    out  = m * ((r - mean) rstd w + beta)
 
-with mean and var (biased) over the n real rows of r. Batch-norm statistics use
-E[r^2] - E[r]^2 accumulated in float64 (one pass over r instead of two). The backward pass is
-the chain rule through these lines: the batch-norm gradient written as
-``dr = k go + alpha r + beta`` with per-channel alpha, beta; ReLU's through ``r > 0`` (which is
-also 0 on padded rows); the gradients of A (``dagg rel^T`` plus the degree term, as A's row sums
-are differentiated like in PyG's layer) only when A requires one. Checked against the module path
-in float64 (tests/test_fused.py).
+with mean and rstd = 1 / sqrt(var + eps) over the n real rows of r (two passes: mean, then
+centred squares; ATen's batch norm when there is no mask). The backward pass is the chain rule
+through these lines: batch norm's gradient, ReLU's through ``r > 0`` (also 0 on padded rows), and
+the gradients of A (``dagg rel^T`` plus the degree term, as A's row sums are differentiated in
+PyG's layer) only when A requires one. Checked against the module path in float64
+(tests/test_fused.py).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["SageBlockFunction", "sage_block"]
+__all__ = ["SageBlocksFunction", "sage_blocks"]
 
 
-class SageBlockFunction(torch.autograd.Function):
+def _cat(ts: Sequence[Tensor], dim: int = 0) -> Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(list(ts), dim=dim)
+
+
+class SageBlocksFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, adj, mask, count, bn_state, n_layers, *params):
-        # params: per layer W_rel [Fo, Fi], W_root [Fo, Fi], b [Fo], then (w, beta) if batch norm.
+    def forward(ctx, x, adj, mask, count, bn_state, n_layers, n_groups, *params):
+        # params: for each layer, for each group: W_rel [Fo, Fi], W_root [Fo, Fi], b [Fo], then
+        # (w, beta) with batch norm. bn_state: the BatchNorm modules in the same order, or None.
         # count: the number of real nodes (B * N without a mask), known to the caller.
         B, N, _ = x.shape
+        L, G = n_layers, n_groups
         use_bn = bn_state is not None
         per = 5 if use_bn else 3
         m = None if mask is None else mask.reshape(B, N, 1).to(x.dtype)
@@ -46,42 +54,65 @@ class SageBlockFunction(torch.autograd.Function):
         q = deg.clamp_min(1.0).reciprocal()
         count = float(count)
         need_adj_grad = ctx.needs_input_grad[1]
-        h = x
-        outs: List[Tensor] = []
+
+        def P(li, g):
+            return params[(li * G + g) * per:(li * G + g + 1) * per]
+
+        widths = [[P(li, g)[0].shape[0] for g in range(G)] for li in range(L)]
+        # Columns of layer li's combined output [group 0 | group 1 | ...] and of the result,
+        # which is group-major: every group's JK concatenation is one contiguous column range.
+        loff = [[sum(w[:g]) for g in range(G + 1)] for w in widths]
+        gtot = [sum(widths[li][g] for li in range(L)) for g in range(G)]
+        roff = [[sum(gtot[:g]) + sum(widths[j][g] for j in range(li)) for li in range(L)] for g in range(G)]
+        result = x.new_empty(B, N, sum(gtot))
+        x2 = x.reshape(B * N, x.shape[-1])
+        prev = None  # previous layer's combined output [B * N, tot]
         saved: List[Tensor] = []
         stats: List[Tensor] = []
-        for li in range(n_layers):
-            p = params[li * per:(li + 1) * per]
-            w_rel, w_root, b = p[0], p[1], p[2]
-            fo = w_rel.shape[0]
-            h2 = h.reshape(B * N, h.shape[-1])
-            rel = torch.mm(h2, w_rel.t()).view(B, N, fo)
-            root = torch.addmm(b, h2, w_root.t()).view(B, N, fo)
+        for li in range(L):
+            tot = loff[li][G]
+            ps = [P(li, g) for g in range(G)]
+            if li == 0:  # every group reads x: one product for all of them
+                rel = torch.mm(x2, _cat([p[0] for p in ps]).t())
+                root = torch.addmm(_cat([p[2] for p in ps]), x2, _cat([p[1] for p in ps]).t())
+            elif G == 1:
+                rel = torch.mm(prev, ps[0][0].t())
+                root = torch.addmm(ps[0][2], prev, ps[0][1].t())
+            else:
+                rel = x.new_empty(B * N, tot)
+                root = x.new_empty(B * N, tot)
+                for g, p in enumerate(ps):
+                    h = prev[:, loff[li - 1][g]:loff[li - 1][g + 1]]
+                    torch.mm(h, p[0].t(), out=rel[:, loff[li][g]:loff[li][g + 1]])
+                    torch.addmm(p[2], h, p[1].t(), out=root[:, loff[li][g]:loff[li][g + 1]])
+            rel = rel.view(B, N, tot)
             agg = torch.bmm(adj, rel)
-            r = torch.addcmul(root, agg, q).relu_()
+            r = torch.addcmul(root.view(B, N, tot), agg, q).relu_()
             if m is not None:
                 r.mul_(m)
             if use_bn:
-                out, mean, rstd = _bn_forward(r, m, count, p[3], p[4], bn_state[li])
+                bns = bn_state[li * G:(li + 1) * G]
+                out, mean, rstd = _bn_forward(r, m, count, _cat([p[3] for p in ps]), _cat([p[4] for p in ps]),
+                                              bns, loff[li])
                 stats += [mean, rstd]
             else:
                 out = r
+            for g in range(G):
+                result[..., roff[g][li]:roff[g][li] + widths[li][g]] = out[..., loff[li][g]:loff[li][g + 1]]
             saved.append(r)
             if need_adj_grad:
                 saved += [agg, rel]
-            outs.append(out)
-            h = out
-        result = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        ctx.widths = [o.shape[-1] for o in outs]
-        ctx.n_layers, ctx.use_bn, ctx.per, ctx.count = n_layers, use_bn, per, count
+            prev = out.view(B * N, tot)
+        ctx.geom = (L, G, per, widths, loff, roff)
+        ctx.count, ctx.use_bn, ctx.has_mask = count, use_bn, m is not None
         ctx.eps = [bn.eps for bn in bn_state] if use_bn else None
-        ctx.has_mask = m is not None
         ctx.save_for_backward(x, adj, q, deg, *([m] if m is not None else []), result, *saved, *stats, *params)
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        L, use_bn, per, count = ctx.n_layers, ctx.use_bn, ctx.per, ctx.count
+        L, G, per, widths, loff, roff = ctx.geom
+        count, use_bn = ctx.count, ctx.use_bn
         saved = ctx.saved_tensors
         x, adj, q, deg = saved[:4]
         i = 4
@@ -99,57 +130,78 @@ class SageBlockFunction(torch.autograd.Function):
         i += 2 * L if use_bn else 0
         params = saved[i:]
         B, N, _ = x.shape
+        BN = B * N
+        res2 = result.view(BN, result.shape[-1])
+        x2 = x.reshape(BN, x.shape[-1])
+        grad2 = grad.reshape(BN, grad.shape[-1])
 
-        # Layer outputs are slices of the concatenated result (inputs of the next layer).
-        offs = [0]
-        for w in ctx.widths:
-            offs.append(offs[-1] + w)
-        gslices = [grad[..., offs[j]:offs[j + 1]] for j in range(L)] if L > 1 else [grad]
+        def P(li, g):
+            return params[(li * G + g) * per:(li * G + g + 1) * per]
+
         pgrads: List[Optional[Tensor]] = [None] * len(params)
-        dq = None
-        dadj = None
-        g_next = None  # gradient reaching layer l's output from layer l+1's input
-        dx = None
+
+        def put(li, g, j, t):
+            pgrads[(li * G + g) * per + j] = t
+
+        def split(li, t):  # a combined per-channel vector (or row-stacked matrix) into groups
+            return [t[loff[li][g]:loff[li][g + 1]] for g in range(G)]
+
+        dq = dadj = g_next = dx = None
         for li in reversed(range(L)):
-            p = params[li * per:(li + 1) * per]
-            w_rel, w_root = p[0], p[1]
-            fo = w_rel.shape[0]
+            tot = loff[li][G]
+            ps = [P(li, g) for g in range(G)]
             r = acts[nper * li]
-            h = x if li == 0 else result[..., offs[li - 1]:offs[li]]
-            g = gslices[li] if g_next is None else g_next.add_(gslices[li])
+            # Gradient reaching layer li's combined output: its result columns (+ layer li+1's).
+            g_res = _cat([grad2[:, roff[g][li]:roff[g][li] + widths[li][g]] for g in range(G)], dim=1)
+            g = g_res if g_next is None else g_next.add_(g_res)
+            g = g.view(B, N, tot)
             if use_bn:
                 mean, rstd = stats[2 * li:2 * li + 2]
-                dr, dw, dbeta = _bn_backward(g, r, m, count, mean, rstd, p[3], ctx.eps[li])
-                pgrads[li * per + 3] = dw
-                pgrads[li * per + 4] = dbeta
+                w = _cat([p[3] for p in ps])
+                dr, dw, dbeta = _bn_backward(g, r, m, count, mean, rstd, w, ctx.eps[li * G])
+                for gi, (a, b) in enumerate(zip(split(li, dw), split(li, dbeta))):
+                    put(li, gi, 3, a)
+                    put(li, gi, 4, b)
             else:
                 dr = g
             # ReLU (and the mask: r is 0 on padded rows) through r > 0.
             dpre = torch.ops.aten.threshold_backward(dr, r, 0.0)
-            dpre2 = dpre.view(B * N, fo)
-            h2 = h.reshape(B * N, h.shape[-1])
-            pgrads[li * per + 2] = dpre2.sum(dim=0)
-            pgrads[li * per + 1] = torch.mm(dpre2.t(), h2)
+            dpre2 = dpre.view(BN, tot)
+            for gi, t in enumerate(split(li, dpre2.sum(dim=0))):
+                put(li, gi, 2, t)
             dagg = dpre * q
-            drel = torch.bmm(adj.transpose(1, 2), dagg).view(B * N, fo)
-            pgrads[li * per] = torch.mm(drel.t(), h2)
+            drel = torch.bmm(adj.transpose(1, 2), dagg).view(BN, tot)
+            if li == 0:
+                dwo = torch.mm(dpre2.t(), x2)
+                dwr = torch.mm(drel.t(), x2)
+                for gi in range(G):
+                    put(li, gi, 1, dwo[loff[0][gi]:loff[0][gi + 1]])
+                    put(li, gi, 0, dwr[loff[0][gi]:loff[0][gi + 1]])
+                if ctx.needs_input_grad[0]:
+                    dx = torch.mm(drel, _cat([p[0] for p in ps])).addmm_(dpre2, _cat([p[1] for p in ps]))
+                    dx = dx.view(B, N, -1)
+            else:
+                g_next = x.new_empty(BN, loff[li - 1][G])
+                for gi, p in enumerate(ps):
+                    cols = slice(loff[li][gi], loff[li][gi + 1])
+                    a = roff[gi][li - 1]
+                    h = res2[:, a:a + widths[li - 1][gi]]  # the group's input: its previous output
+                    put(li, gi, 1, torch.mm(dpre2[:, cols].t(), h))
+                    put(li, gi, 0, torch.mm(drel[:, cols].t(), h))
+                    out = g_next[:, loff[li - 1][gi]:loff[li - 1][gi + 1]]
+                    torch.mm(drel[:, cols], p[0], out=out)
+                    out.addmm_(dpre2[:, cols], p[1])
             if need_adj_grad:
                 agg, rel = acts[nper * li + 1], acts[nper * li + 2]
                 part = torch.bmm(dagg, rel.transpose(1, 2))
                 dadj = part if dadj is None else dadj.add_(part)
                 dqi = (dpre * agg).sum(dim=-1, keepdim=True)
                 dq = dqi if dq is None else dq.add_(dqi)
-            if li > 0 or ctx.needs_input_grad[0]:
-                dh = torch.mm(drel, w_rel).addmm_(dpre2, w_root).view(B, N, -1)
-                if li > 0:
-                    g_next = dh
-                else:
-                    dx = dh
         if need_adj_grad:
             # q = 1 / clamp_min(deg, 1): clamp_min passes the gradient where deg >= 1.
             ddeg = -(dq * q * q) * (deg >= 1.0)
             dadj = dadj.add_(ddeg)
-        return (dx, dadj, None, None, None, None, *pgrads)
+        return (dx, dadj, None, None, None, None, None, *pgrads)
 
 
 def _momentum(bn) -> Optional[float]:
@@ -161,26 +213,35 @@ def _momentum(bn) -> Optional[float]:
     return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
 
 
-def _bn_forward(r, m, count, w, beta, bn):
-    """Batch norm of r [B, N, F] over its real rows; returns (out, mean, rstd) with padded rows
-    of out 0. Without a mask it is ATen's batch norm (which also updates the running statistics)."""
+def _bn_forward(r, m, count, w, beta, bns, offs) -> Tuple[Tensor, Tensor, Tensor]:
+    """Batch norm of r [B, N, F] over its real rows (channels of the modules ``bns`` side by
+    side at ``offs``); returns (out, mean, rstd), padded rows of out 0, and updates the modules'
+    running statistics as they would."""
     B, N, F = r.shape
-    mom = _momentum(bn)
+    eps = bns[0].eps
+    if any(bn.eps != eps for bn in bns):
+        raise ValueError("fused batch norms need one eps")
     if m is None:
-        out, mean, rstd = torch.native_batch_norm(
-            r.view(B * N, F), w, beta, bn.running_mean if mom is not None else None,
-            bn.running_var if mom is not None else None, True, mom if mom is not None else 0.0, bn.eps)
-        return out.view(B, N, F), mean, rstd
-    # Two passes over the real rows (r is 0 on padded rows): mean, then centred squares.
-    mean = r.view(B * N, F).sum(dim=0).div_(count)
-    c = (r - mean).mul_(m)
-    var = c.square().view(B * N, F).sum(dim=0).div_(count)
-    rstd = torch.rsqrt(var + bn.eps)
-    out = torch.addcmul(beta, c, rstd * w).mul_(m)
-    if mom is not None:
+        out, mean, rstd = torch.native_batch_norm(r.view(B * N, F), w, beta, None, None, True, 0.0, eps)
+        out = out.view(B, N, F)
+        var = None
+    else:
+        # Two passes over the real rows (r is 0 on padded rows): mean, then centred squares.
+        mean = r.view(B * N, F).sum(dim=0).div_(count)
+        c = (r - mean).mul_(m)
+        var = c.square().view(B * N, F).sum(dim=0).div_(count)
+        rstd = torch.rsqrt(var + eps)
+        out = torch.addcmul(beta, c, rstd * w).mul_(m)
+    moms = [_momentum(bn) for bn in bns]
+    if any(mom is not None for mom in moms):
         with torch.no_grad():
-            bn.running_mean.lerp_(mean, mom)
-            bn.running_var.lerp_(var * (count / (count - 1)), mom)
+            if var is None:
+                var = rstd.pow(-2).sub_(eps)
+            unbiased = var * (count / (count - 1))
+            for g, (bn, mom) in enumerate(zip(bns, moms)):
+                if mom is not None:
+                    bn.running_mean.lerp_(mean[offs[g]:offs[g + 1]], mom)
+                    bn.running_var.lerp_(unbiased[offs[g]:offs[g + 1]], mom)
     return out, mean, rstd
 
 
@@ -203,15 +264,27 @@ def _bn_backward(g, r, m, count, mean, rstd, w, eps):
     return dr, dw, sg
 
 
-def sage_block(x: Tensor, adj: Tensor, mask: Optional[Tensor], count: int, convs: Sequence,
-               norms: Optional[Sequence]) -> Tensor:
-    """Run SAGE layers ``convs`` (each ReLU, then ``norms[i]`` in training mode when given) as
-    one autograd node; returns the concatenation of the layer outputs. ``count``: real nodes."""
+def sage_blocks(x: Tensor, adj: Tensor, mask: Optional[Tensor], count: int, blocks: Sequence) -> Tensor:
+    """Run G SAGE blocks on the same graph as one autograd node.
+
+    ``blocks``: ``(convs, norms)`` pairs with the same number of layers, each layer a
+    ``DenseSAGE`` followed by ReLU and, when ``norms`` is not None, the batch norm ``norms[i]``
+    (training mode). ``count``: the number of real nodes. Returns [B, N, sum of the blocks'
+    JK widths]: block 0's concatenated layer outputs, then block 1's, and so on.
+    """
+    L = len(blocks[0][0])
+    use_bn = blocks[0][1] is not None
+    if any(len(c) != L or (n is not None) != use_bn for c, n in blocks):
+        raise ValueError("fused SAGE blocks need the same number of layers and the same norm choice")
     params: List[Tensor] = []
-    for i, conv in enumerate(convs):
-        params += [conv.lin_rel.weight, conv.lin_root.weight, conv.lin_root.bias]
-        if norms is not None:
-            params += [norms[i].weight, norms[i].bias]
+    norms: List = []
+    for li in range(L):
+        for convs, bns in blocks:
+            conv = convs[li]
+            params += [conv.lin_rel.weight, conv.lin_root.weight, conv.lin_root.bias]
+            if use_bn:
+                params += [bns[li].weight, bns[li].bias]
+                norms.append(bns[li])
     if not adj.is_floating_point():
         adj = adj.to(x.dtype)
-    return SageBlockFunction.apply(x, adj, mask, count, list(norms) if norms is not None else None, len(convs), *params)
+    return SageBlocksFunction.apply(x, adj, mask, count, norms if use_bn else None, L, len(blocks), *params)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import sage_block
+from .fused import sage_blocks
 from .layers import LAYER_TYPES, DenseSAGE, MaskedBatchNorm, _batched, make_layer
 from .pool import dense_diff_pool
 
@@ -119,12 +119,7 @@ class DenseGNN(nn.Module):
             mask = mask != 0
         count = self._fused_count(x, adj, mask)
         if count is not None:
-            x = sage_block(x, adj, mask, count, self.convs, self.norms)
-            if self.lin is not None:
-                x = self.lin(x)
-                if mask is not None:
-                    x = x * mask.unsqueeze(-1).to(x.dtype)
-            return x
+            return self._finish(sage_blocks(x, adj, mask, count, [(self.convs, self.norms)]), mask)
         outs = []
         for i, conv in enumerate(self.convs):
             x = F.relu(conv(x, adj, mask))
@@ -132,6 +127,10 @@ class DenseGNN(nn.Module):
                 x = self.norms[i](x, mask)
             outs.append(x)
         x = torch.cat(outs, dim=-1) if self.jk and len(outs) > 1 else outs[-1]
+        return self._finish(x, mask)
+
+    def _finish(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The optional linear map after the (concatenated) layer outputs."""
         if self.lin is not None:
             x = self.lin(x)
             if mask is not None:
@@ -196,10 +195,27 @@ class DiffPool(nn.Module):
         self.link_norm = link_norm
         self.backend = backend
         self.adj_symmetric = adj_symmetric
+        #: Run the two GNNs side by side as one fused node where both are fusable SAGE blocks.
+        self.pair_gnns = True
+
+    def _gnns(self, x: Tensor, adj: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Assignment logits and embedding. Where both GNNs are fused SAGE blocks with one layer
+        count and norm choice, they run side by side as one autograd node (diffpool_fast.fused)."""
+        a, e = self.assign, self.embed
+        x3, adj3, mask3 = _batched(x, adj, mask)
+        if mask3 is not None and mask3.dtype != torch.bool:
+            mask3 = mask3 != 0
+        count = a._fused_count(x3, adj3, mask3) if self.pair_gnns else None
+        if (count is not None and e._fused_count(x3, adj3, mask3) is not None and len(a.convs) == len(e.convs)
+                and (a.norms is None) == (e.norms is None)
+                and (a.norms is None or len({n.eps for n in list(a.norms) + list(e.norms)}) == 1)):
+            both = sage_blocks(x3, adj3, mask3, count, [(e.convs, e.norms), (a.convs, a.norms)])
+            z_width = sum(c.out_channels for c in e.convs)
+            return a._finish(both[..., z_width:], mask3), both[..., :z_width]
+        return a(x, adj, mask), e(x, adj, mask)
 
     def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None) -> DiffPoolOutput:
-        s = self.assign(x, adj, mask)
-        z = self.embed(x, adj, mask)
+        s, z = self._gnns(x, adj, mask)
         if self.link_norm == "graph":
             # Per-graph losses averaged over the graphs that have nodes: unlike the batch-wide
             # entropy (divided by B*N, padding included), this does not change with how far a
