@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "diffpool_fast.train",  # train: DiffPool graph classification on TU datasets / synthetic
     "diffpool_fast.profile",  # profile: memory and throughput of dense coarsening
     "diffpool_fast.compile_check",  # compile-check: ahead-of-time Triton compile for sm_80/sm_90
+    "diffpool_fast.select",  # select: per-fold choice between finished runs by validation accuracy
 )
 
 
