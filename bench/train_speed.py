@@ -186,6 +186,24 @@ def main(argv=None):
             seconds[p].append(dt)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{p} {graphs[p][-1] / seconds[p][-1]:.0f}" for p in names)
               + " graphs/s", file=sys.stderr)
+    # Work per step, after the timing: matmul FLOPs (forward + backward, torch's FLOP counter) over
+    # `--steps` further steps of each provider, and the machine's fp32 matmul rate in this run.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for p in names:
+        fc = FlopCounterMode(display=False)
+        with fc:
+            n_steps = sum(1 for _ in range(args.steps) if next(streams[p])[0]() is None)
+        flops[p] = fc.get_total_flops() / n_steps
+    a = torch.randn(1024, 1024)
+    torch.mm(a, a)
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        best = min(best, time.perf_counter() - t0)
+    peak = 2 * 1024 ** 3 / best
     shutil.rmtree(tmp, ignore_errors=True)
     rate = {p: [g / t for g, t in zip(graphs[p], seconds[p])] for p in names}
 
@@ -202,6 +220,10 @@ def main(argv=None):
                      "round_rate_min": min(rate[p]), "round_rate_median": statistics.median(rate[p]),
                      "round_rate_max": max(rate[p]), "graphs_timed": sum(graphs[p]),
                      "rounds": args.rounds, "steps_per_round": args.steps, "graphs_per_epoch": n_graphs, "batch_size": B, "max_nodes": M,
+                     "gflop_per_step": flops[p] / 1e9,
+                     "matmul_ms_at_peak": 1e3 * flops[p] / peak,
+                     "step_ms": 1e3 * sum(seconds[p]) / (sum(graphs[p]) / B),
+                     "matmul_peak_gflops": peak / 1e9,
                      "threads": args.threads, "command": command, "machine": machine, "versions": versions})
     out = Path(args.out)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
@@ -220,13 +242,19 @@ def main(argv=None):
         f"- versions: {versions}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
-        f"| provider | graphs/s | speedup vs {base} | per-round graphs/s min / median / max |",
-        "| --- | ---: | ---: | ---: |",
+        f"| provider | graphs/s | speedup vs {base} | per-round graphs/s min / median / max | ms per {B} graphs "
+        f"| matmul GFLOP per step | matmul ms at {peak / 1e9:.0f} GFLOP/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(f"| {r['provider']} | {r['graphs_per_s']:.1f} | {r['speedup_vs_' + base]:.2f}x | "
-                     f"{r['round_rate_min']:.0f} / {r['round_rate_median']:.0f} / {r['round_rate_max']:.0f} |")
-    lines += ["", "Notes: the machine may be shared with other jobs; compare providers only within one run.",
+                     f"{r['round_rate_min']:.0f} / {r['round_rate_median']:.0f} / {r['round_rate_max']:.0f} | "
+                     f"{r['step_ms']:.1f} | {r['gflop_per_step']:.3f} | {r['matmul_ms_at_peak']:.1f} |")
+    lines += ["", f"Matmul FLOPs (forward and backward, counted by torch.utils.flop_counter over {args.steps} more "
+              f"steps per provider) and the time they would take at this run's fp32 matmul rate "
+              f"({peak / 1e9:.0f} GFLOP/s, a 1024^3 product): the part of a step that is arithmetic; the rest is "
+              "elementwise passes, reductions and per-operation overhead.",
+              "", "Notes: the machine may be shared with other jobs; compare providers only within one run.",
               "Our bucketed gain is at level 0 only (cluster counts derive from max_nodes in both models)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
