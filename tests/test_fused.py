@@ -113,3 +113,42 @@ def test_classifier_same_with_and_without_fusion(norm, monkeypatch):
     torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-10, atol=1e-12)
     for a, b in zip(res[0][1], res[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("norm", [True, "none"])
+def test_classifier_fusion_on_cuda(norm, monkeypatch):
+    """The fused blocks on CUDA (strided mm outputs, ATen batch norm) against the modules there."""
+    torch.manual_seed(0)
+    B, N, F = 6, 19, 5
+    x, adj, mask = _inputs(B, N, F, 3, True, False)
+    x, adj, mask = x.detach().cuda(), adj.cuda(), mask.cuda()
+    y = torch.randint(0, 3, (B,), device="cuda")
+    model = DiffPoolClassifier(F, 3, max_nodes=N, hidden=8, batch_norm=norm, backend="torch").double().cuda()
+    other = copy.deepcopy(model)
+    res = []
+    for m, env in ((model, "1"), (other, "0")):
+        monkeypatch.setenv("DIFFPOOL_FAST_FUSED", env)
+        logits, aux = m(x, adj, mask)
+        (torch.nn.functional.cross_entropy(logits, y) + aux).backward()
+        res.append([p.grad for p in m.parameters()])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_levels_run_their_two_gnns_as_one_node(monkeypatch):
+    import diffpool_fast.fused as fused
+
+    groups = []
+    orig = fused.SageBlocksFunction.apply
+
+    def spy(*args):
+        groups.append(args[6])  # n_groups
+        return orig(*args)
+
+    monkeypatch.setattr(fused.SageBlocksFunction, "apply", spy)
+    x, adj, mask = _inputs(4, 11, 3, 5, True, False)
+    model = DiffPoolClassifier(3, 2, max_nodes=11, hidden=8, backend="torch")
+    logits, aux = model(x.detach().float(), adj.float(), mask)
+    (logits.sum() + aux).backward()
+    assert groups == [2, 2, 1]  # level 0 and level 1 pairs, then the final embedding block
