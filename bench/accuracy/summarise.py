@@ -35,6 +35,27 @@ def main():
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
     ]
+    # Per-fold choice between runs by validation accuracy (`diffpool-fast select ... --json`).
+    sel_rows = []
+    for sel_path in sorted(HERE.glob("selection-*.json")):
+        sel = json.loads(sel_path.read_text())
+        name = sel["dataset"]
+        target = TARGETS.get(name)
+        mean = 100 * sel["test_acc_mean"]
+        met = "-" if target is None else ("yes" if mean >= target else "no")
+        cands = ", ".join(f"{Path(c['path']).parent.name} ({k})" for c, k in zip(sel["candidates"], sel["picks"]))
+        accs = " ".join(f"{100 * f['test_acc']:.1f}" for f in sel["folds"])
+        sel_rows.append(f"| {name} | {mean:.2f} ± {100 * sel['test_acc_std']:.2f} | {target or '-'} ({met}) | {cands} | {accs} |")
+    if sel_rows:
+        lines += [
+            "",
+            "Validation-only selection between the runs above (`diffpool-fast select`): per fold, the run with the "
+            "best validation accuracy; its test accuracy.",
+            "",
+            "| dataset | test acc % (mean ± std) | target (met) | candidates (folds picked) | per-fold test acc % |",
+            "| --- | --- | --- | --- | --- |",
+            *sel_rows,
+        ]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
