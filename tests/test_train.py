@@ -128,3 +128,12 @@ def test_cuda_request_without_cuda(tmp_path, capsys):
         pytest.skip("this machine has CUDA")
     assert cli.main(["train", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_auto_threads_leave_busy_cores_alone():
+    from diffpool_fast.train import auto_threads
+
+    assert auto_threads(2, 2, 0.1) == 2
+    assert auto_threads(2, 2, 1.2) == 1  # one other busy process on a 2-core machine
+    assert auto_threads(2, 2, 5.0) == 1  # never below one
+    assert auto_threads(4, 16, 3.0) == 4  # plenty idle: torch's default
