@@ -161,8 +161,9 @@ def _validate(args) -> None:
 def auto_threads(default: int, cpu_count: int, load: float) -> int:
     """Torch threads when ``--threads`` is not given: torch's ``default``, lowered to the cores
     the other runnable processes leave idle (``cpu_count - round(load)``, at least 1). On a
-    2-core machine with one other busy process, two spinning OpenMP threads made an epoch of the
-    generated dataset 40x slower (11 s instead of 0.28 s); one thread fewer than ideal costs ~10%.
+    2-core machine beside one busy process, two spinning OpenMP threads made an epoch of the
+    generated dataset 3x to 45x slower than one thread (bench/threads_under_load.md); with no
+    other process, one thread instead of two costs about 10% there.
     """
     return max(1, min(default, cpu_count - int(round(load))))
 
