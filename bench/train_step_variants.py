@@ -30,15 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-
-
-def _default_root():
-    for cand in (os.environ.get("DIFFPOOL_FAST_DATA"), REPO.parent / "shared" / "tudata", REPO / "data"):
-        if cand and (Path(cand) / "PROTEINS").is_dir():
-            return str(cand)
-    return str(REPO / "data")
+from train_speed import HERE, REPO, _default_root  # bench/ is the script's folder, on sys.path
 
 
 def _train(variant: str, data_root: str, epochs: int, threads: int) -> dict:

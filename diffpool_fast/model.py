@@ -38,6 +38,11 @@ def cluster_counts(max_nodes: int, num_levels: int, ratio: float = 0.25) -> List
     return counts
 
 
+def _real_nodes(x: Tensor, mask: Optional[Tensor]) -> int:
+    """Real nodes of a [B, N, F] batch: B * N without a mask."""
+    return x.shape[0] * x.shape[1] if mask is None else int(mask.sum())
+
+
 #: Normalisation after each GNN layer: True/"batch" = batch norm over real nodes, "layer" = layer
 #: norm per node (independent of the batch), False/"none" = none.
 NORMS = (True, False, "batch", "layer", "none")
@@ -95,21 +100,28 @@ class DenseGNN(nn.Module):
         #: False (or DIFFPOOL_FAST_FUSED=0 in the environment) always runs the layer modules.
         self.fused = True
 
-    def _fused_count(self, x: Tensor, adj: Tensor, mask: Optional[Tensor]) -> Optional[int]:
-        """The real-node count when the fused SAGE block computes this call, else None."""
+    def _fusable(self, x: Tensor, adj: Tensor) -> bool:
+        """Whether the fused SAGE block (diffpool_fast.fused) can compute this block's call."""
         if not self.fused or not (self.jk or len(self.convs) == 1):
-            return None
+            return False
         if os.environ.get("DIFFPOOL_FAST_FUSED", "1") == "0":
-            return None
+            return False
         if not all(type(c) is DenseSAGE and not c.normalize and c.lin_root.bias is not None for c in self.convs):
+            return False
+        if self.norms is not None and not (self.training and all(type(n) is MaskedBatchNorm and n.affine
+                                                                 for n in self.norms)):
+            return False
+        return x.dim() == 3 and adj.shape[0] == x.shape[0] and x.is_floating_point()
+
+    def _fused_count(self, x: Tensor, adj: Tensor, mask: Optional[Tensor],
+                     count: Optional[int] = None) -> Optional[int]:
+        """The real-node count when the fused SAGE block computes this call, else None
+        (``count``: the count if the caller already has it)."""
+        if not self._fusable(x, adj):
             return None
-        bn = self.norms is not None
-        if bn and not (self.training and all(type(n) is MaskedBatchNorm and n.affine for n in self.norms)):
-            return None
-        if x.dim() != 3 or adj.shape[0] != x.shape[0] or not x.is_floating_point():
-            return None
-        count = x.shape[0] * x.shape[1] if mask is None else int(mask.sum())
-        if bn and count < 2:
+        if count is None:
+            count = _real_nodes(x, mask)
+        if self.norms is not None and count < 2:
             return None  # batch statistics of fewer than two rows: the modules use running ones
         return count
 
@@ -206,7 +218,7 @@ class DiffPool(nn.Module):
         if mask3 is not None and mask3.dtype != torch.bool:
             mask3 = mask3 != 0
         count = a._fused_count(x3, adj3, mask3) if self.pair_gnns else None
-        if (count is not None and e._fused_count(x3, adj3, mask3) is not None and len(a.convs) == len(e.convs)
+        if (count is not None and e._fused_count(x3, adj3, mask3, count) is not None and len(a.convs) == len(e.convs)
                 and (a.norms is None) == (e.norms is None)
                 and (a.norms is None or len({n.eps for n in list(a.norms) + list(e.norms)}) == 1)):
             both = sage_blocks(x3, adj3, mask3, count, [(e.convs, e.norms), (a.convs, a.norms)])
