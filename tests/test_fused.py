@@ -47,8 +47,9 @@ def _run(gnn, x, adj, mask, gout):
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("adj_grad", [False, True])
 @pytest.mark.parametrize("layers,lin_out", [(3, None), (3, 11), (1, None), (2, 5)])
-def test_fused_block_matches_modules(norm, masked, adj_grad, layers, lin_out):
-    B, N, F, H, out = 5, 13, 7, 9, 6
+@pytest.mark.parametrize("F", [7, 23])  # layer 0 narrower (A x first) and wider than its output
+def test_fused_block_matches_modules(norm, masked, adj_grad, layers, lin_out, F):
+    B, N, H, out = 5, 13, 9, 6
     torch.manual_seed(0)
     ref = DenseGNN(F, H, out, layers=layers, gnn="sage", jk=True, batch_norm=norm, lin_out=lin_out).double()
     # non-trivial affine parameters and running statistics
