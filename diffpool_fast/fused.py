@@ -64,12 +64,13 @@ class SageBlocksFunction(torch.autograd.Function):
             return params[(li * G + g) * per:(li * G + g + 1) * per]
 
         widths = [[P(li, g)[0].shape[0] for g in range(G)] for li in range(L)]
-        # Columns of layer li's combined output [group 0 | group 1 | ...] and of the result,
-        # which is group-major: every group's JK concatenation is one contiguous column range.
+        # Columns of layer li's combined output [group 0 | group 1 | ...], and of layer li in
+        # group g's output (the group's JK concatenation; one output tensor per group, so that
+        # their gradients arrive separately and autograd makes no slice gradients).
         loff = [[sum(w[:g]) for g in range(G + 1)] for w in widths]
         gtot = [sum(widths[li][g] for li in range(L)) for g in range(G)]
-        roff = [[sum(gtot[:g]) + sum(widths[j][g] for j in range(li)) for li in range(L)] for g in range(G)]
-        result = x.new_empty(B, N, sum(gtot))
+        roff = [[sum(widths[j][g] for j in range(li)) for li in range(L)] for g in range(G)]
+        results = [x.new_empty(B, N, gtot[g]) for g in range(G)]
         x2 = x.reshape(B * N, x.shape[-1])
         prev = None  # previous layer's combined output [B * N, tot]
         saved: List[Tensor] = []
@@ -108,7 +109,7 @@ class SageBlocksFunction(torch.autograd.Function):
             else:
                 out = r
             for g in range(G):
-                result[..., roff[g][li]:roff[g][li] + widths[li][g]] = out[..., loff[li][g]:loff[li][g + 1]]
+                results[g][..., roff[g][li]:roff[g][li] + widths[li][g]] = out[..., loff[li][g]:loff[li][g + 1]]
             saved.append(r)
             if need_adj_grad:
                 saved += [agg, rel]  # (None, None) for an aggregate-first layer 0
@@ -117,12 +118,12 @@ class SageBlocksFunction(torch.autograd.Function):
         ctx.agg_first = agg_first
         ctx.count, ctx.use_bn, ctx.has_mask = count, use_bn, m is not None
         ctx.eps = [bn.eps for bn in bn_state] if use_bn else None
-        ctx.save_for_backward(x, adj, q, deg, *([m] if m is not None else []), result, *saved, *stats, *first,
+        ctx.save_for_backward(x, adj, q, deg, *([m] if m is not None else []), *results, *saved, *stats, *first,
                               *params)
-        return result
+        return tuple(results)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         L, G, per, widths, loff, roff = ctx.geom
         count, use_bn = ctx.count, ctx.use_bn
         saved = ctx.saved_tensors
@@ -132,8 +133,8 @@ class SageBlocksFunction(torch.autograd.Function):
         if ctx.has_mask:
             m = saved[i]
             i += 1
-        result = saved[i]
-        i += 1
+        results = saved[i:i + G]
+        i += G
         need_adj_grad = ctx.needs_input_grad[1]
         nper = 3 if need_adj_grad else 1
         acts = saved[i:i + nper * L]
@@ -145,9 +146,9 @@ class SageBlocksFunction(torch.autograd.Function):
         params = saved[i + nfirst:]
         B, N, _ = x.shape
         BN = B * N
-        res2 = result.view(BN, result.shape[-1])
+        res2 = [r.view(BN, r.shape[-1]) for r in results]
         x2 = x.reshape(BN, x.shape[-1])
-        grad2 = grad.reshape(BN, grad.shape[-1])
+        grad2 = [g.reshape(BN, g.shape[-1]) for g in grads]
 
         def P(li, g):
             return params[(li * G + g) * per:(li * G + g + 1) * per]
@@ -166,7 +167,7 @@ class SageBlocksFunction(torch.autograd.Function):
             ps = [P(li, g) for g in range(G)]
             r = acts[nper * li]
             # Gradient reaching layer li's combined output: its result columns (+ layer li+1's).
-            g_res = _cat([grad2[:, roff[g][li]:roff[g][li] + widths[li][g]] for g in range(G)], dim=1)
+            g_res = _cat([grad2[g][:, roff[g][li]:roff[g][li] + widths[li][g]] for g in range(G)], dim=1)
             g = g_res if g_next is None else g_next.add_(g_res)
             g = g.view(B, N, tot)
             if use_bn:
@@ -202,7 +203,7 @@ class SageBlocksFunction(torch.autograd.Function):
                 for gi, p in enumerate(ps):
                     cols = slice(loff[li][gi], loff[li][gi + 1])
                     a = roff[gi][li - 1]
-                    h = res2[:, a:a + widths[li - 1][gi]]  # the group's input: its previous output
+                    h = res2[gi][:, a:a + widths[li - 1][gi]]  # the group's input: its previous output
                     put(li, gi, 1, torch.mm(dpre2[:, cols].t(), h))
                     put(li, gi, 0, torch.mm(drel[:, cols].t(), h))
                     out = g_next[:, loff[li - 1][gi]:loff[li - 1][gi + 1]]
@@ -320,13 +321,13 @@ def _bn_backward(g, r, m, count, mean, rstd, w, eps):
     return dr, dw, sg
 
 
-def sage_blocks(x: Tensor, adj: Tensor, mask: Optional[Tensor], count: int, blocks: Sequence) -> Tensor:
+def sage_blocks(x: Tensor, adj: Tensor, mask: Optional[Tensor], count: int, blocks: Sequence) -> Tuple[Tensor, ...]:
     """Run G SAGE blocks on the same graph as one autograd node.
 
     ``blocks``: ``(convs, norms)`` pairs with the same number of layers, each layer a
     ``DenseSAGE`` followed by ReLU and, when ``norms`` is not None, the batch norm ``norms[i]``
-    (training mode). ``count``: the number of real nodes. Returns [B, N, sum of the blocks'
-    JK widths]: block 0's concatenated layer outputs, then block 1's, and so on.
+    (training mode). ``count``: the number of real nodes. Returns one tensor per block,
+    [B, N, the block's JK width]: its layer outputs concatenated.
     """
     L = len(blocks[0][0])
     use_bn = blocks[0][1] is not None

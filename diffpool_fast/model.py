@@ -131,7 +131,7 @@ class DenseGNN(nn.Module):
             mask = mask != 0
         count = self._fused_count(x, adj, mask)
         if count is not None:
-            return self._finish(sage_blocks(x, adj, mask, count, [(self.convs, self.norms)]), mask)
+            return self._finish(sage_blocks(x, adj, mask, count, [(self.convs, self.norms)])[0], mask)
         outs = []
         for i, conv in enumerate(self.convs):
             x = F.relu(conv(x, adj, mask))
@@ -221,9 +221,8 @@ class DiffPool(nn.Module):
         if (count is not None and e._fused_count(x3, adj3, mask3, count) is not None and len(a.convs) == len(e.convs)
                 and (a.norms is None) == (e.norms is None)
                 and (a.norms is None or len({n.eps for n in list(a.norms) + list(e.norms)}) == 1)):
-            both = sage_blocks(x3, adj3, mask3, count, [(e.convs, e.norms), (a.convs, a.norms)])
-            z_width = sum(c.out_channels for c in e.convs)
-            return a._finish(both[..., z_width:], mask3), both[..., :z_width]
+            z, s = sage_blocks(x3, adj3, mask3, count, [(e.convs, e.norms), (a.convs, a.norms)])
+            return a._finish(s, mask3), z
         return a(x, adj, mask), e(x, adj, mask)
 
     def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None) -> DiffPoolOutput:
