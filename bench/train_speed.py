@@ -27,9 +27,11 @@ sees a representative mix of batches. Throughput = graphs timed / seconds timed:
   ``ours-bucketed``. Its rate bounds what any speed-up of level 0 (bucketing, kernels) can give
   this architecture with the rest of the step as it is.
 
-Usage: OMP_WAIT_POLICY=PASSIVE python bench/train_speed.py [--data-root DIR] [--rounds 24] [--threads 2]
-(passive OpenMP waiting: on a machine shared with other jobs, spinning 2-thread OpenMP teams
-collapse to a few graphs/s for every provider.)
+Usage: python bench/train_speed.py [--data-root DIR] [--rounds 24] [--threads 2]
+on a quiet machine. OMP_WAIT_POLICY=PASSIVE helps only on a machine shared with other jobs (where
+spinning 2-thread OpenMP teams can collapse to a few graphs/s); on the quiet machine it made every
+provider 2.2-2.9x slower and moved the ratios (2026-11-25: PyG's example 262 vs 584 graphs/s,
+ours-bucketed 1.56x vs 2.01x), so never compare runs with and without it.
 Writes bench/train_speed.csv and bench/train_speed.md (command, machine, versions included).
 """
 from __future__ import annotations
