@@ -20,6 +20,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .sparse import BlockSparseAdj
+
 EPS = 1e-15
 
 # Bytes of converted adjacency materialised at once when adj is not already in the compute
@@ -41,8 +43,10 @@ def adjacency_matmul(adj: Tensor, W: Tensor, transpose: bool = False) -> Tensor:
     """A W (or A^T W), [B, N, K], without a converted copy of A.
 
     An adjacency stored in another dtype than W (bool, uint8, fp16, bf16) is converted a few
-    graphs at a time.
+    graphs at a time. ``adj`` may be a :class:`diffpool_fast.sparse.BlockSparseAdj`.
     """
+    if isinstance(adj, BlockSparseAdj):
+        return adj.tmm(W) if transpose else adj.mm(W)
     if adj.dtype == W.dtype:
         return (adj.transpose(1, 2) if transpose else adj) @ W
     B, N, _ = adj.shape
@@ -56,6 +60,8 @@ def adjacency_matmul(adj: Tensor, W: Tensor, transpose: bool = False) -> Tensor:
 
 def adjacency_sq_norm(adj: Tensor) -> Tensor:
     """||A_b||_F^2 per graph in float64, [B], without an N x N temporary."""
+    if isinstance(adj, BlockSparseAdj):
+        return adj.sq_norm
     B = adj.shape[0]
     if adj.dtype == torch.bool:
         return torch.count_nonzero(adj.flatten(1), dim=1).to(torch.float64)
@@ -98,7 +104,9 @@ class CoarsenTorch(torch.autograd.Function):
         link_sq = raw.clamp_min(0.0)
         # Row sums of C terms in fp32, the N rows of a graph in float64: no float64 copy of S.
         ent_sum = -(S * torch.log(S + EPS)).sum(-1).sum(-1, dtype=f64)
-        ctx.save_for_backward(xc, adj, P, S, AS, StS, raw > 0, mask)
+        sparse = isinstance(adj, BlockSparseAdj)
+        ctx.sparse_adj = adj if sparse else None  # not a tensor: kept on ctx
+        ctx.save_for_backward(xc, None if sparse else adj, P, S, AS, StS, raw > 0, mask)
         ctx.dtypes = (x.dtype, adj.dtype, s.dtype)
         ctx.symmetric = symmetric
         return out, out_adj, link_sq, ent_sum
@@ -106,6 +114,8 @@ class CoarsenTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out, g_out_adj, g_link_sq, g_ent):
         xc, adj, P, S, AS, StS, positive, mask = ctx.saved_tensors
+        if ctx.sparse_adj is not None:
+            adj = ctx.sparse_adj
         x_dtype, adj_dtype, s_dtype = ctx.dtypes
         dt = S.dtype
         B, N, C = S.shape

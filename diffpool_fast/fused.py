@@ -37,6 +37,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .sparse import BlockSparseAdj
+
 __all__ = ["SageBlocksFunction", "sage_blocks"]
 
 
@@ -55,7 +57,8 @@ class SageBlocksFunction(torch.autograd.Function):
         use_bn = bn_state is not None
         per = 5 if use_bn else 3
         m = None if mask is None else mask.reshape(B, N, 1).to(x.dtype)
-        deg = adj.sum(dim=-1, keepdim=True)
+        sparse = isinstance(adj, BlockSparseAdj)
+        deg = adj.deg if sparse else adj.sum(dim=-1, keepdim=True)
         q = deg.clamp_min(1.0).reciprocal()
         count = float(count)
         need_adj_grad = ctx.needs_input_grad[1]
@@ -84,7 +87,7 @@ class SageBlocksFunction(torch.autograd.Function):
             tot = loff[li][G]
             ps = [P(li, g) for g in range(G)]
             if li == 0 and agg_first:
-                ax_raw = torch.bmm(adj, x)
+                ax_raw = _amm(adj, x)
                 ax = ax_raw * q
                 r = torch.addmm(_cat([p[2] for p in ps]), x2, _cat([p[1] for p in ps]).t())
                 r = r.addmm_(ax.view(B * N, -1), _cat([p[0] for p in ps]).t()).view(B, N, tot).relu_()
@@ -97,7 +100,7 @@ class SageBlocksFunction(torch.autograd.Function):
                 else:
                     rel, root = _linear_maps(prev, ps, G, loff[li - 1], loff[li], B * N, x)
                 rel = rel.view(B, N, tot)
-                agg = torch.bmm(adj, rel)
+                agg = _amm(adj, rel)
                 r = torch.addcmul(root.view(B, N, tot), agg, q).relu_()
             if m is not None:
                 r.mul_(m)
@@ -118,7 +121,8 @@ class SageBlocksFunction(torch.autograd.Function):
         ctx.agg_first = agg_first
         ctx.count, ctx.use_bn, ctx.has_mask = count, use_bn, m is not None
         ctx.eps = [bn.eps for bn in bn_state] if use_bn else None
-        ctx.save_for_backward(x, adj, q, deg, *([m] if m is not None else []), *results, *saved, *stats, *first,
+        ctx.sparse_adj = adj if sparse else None  # not a tensor: kept on ctx
+        ctx.save_for_backward(x, None if sparse else adj, q, deg, *([m] if m is not None else []), *results, *saved, *stats, *first,
                               *params)
         return tuple(results)
 
@@ -128,6 +132,8 @@ class SageBlocksFunction(torch.autograd.Function):
         count, use_bn = ctx.count, ctx.use_bn
         saved = ctx.saved_tensors
         x, adj, q, deg = saved[:4]
+        if ctx.sparse_adj is not None:
+            adj = ctx.sparse_adj
         i = 4
         m = None
         if ctx.has_mask:
@@ -188,7 +194,7 @@ class SageBlocksFunction(torch.autograd.Function):
                 dx, dadj, dq = _first_layer_backward(ctx, dpre2, x, x2, adj, q, first, ps, put, loff, dadj, dq)
                 continue
             dagg = dpre * q
-            drel = torch.bmm(adj.transpose(1, 2), dagg).view(BN, tot)
+            drel = _atmm(adj, dagg).view(BN, tot)
             if li == 0:
                 dwo = torch.mm(dpre2.t(), x2)
                 dwr = torch.mm(drel.t(), x2)
@@ -238,13 +244,23 @@ def _first_layer_backward(ctx, dpre2, x, x2, adj, q, first, ps, put, loff, dadj,
         v = torch.mm(dpre2, _cat([p[0] for p in ps])).view(B, N, Fi)  # d(q * A x)
         u = v * q  # d(A x)
         if need_x:
-            dx = torch.baddbmm(torch.mm(dpre2, _cat([p[1] for p in ps])).view(B, N, Fi), adj.transpose(1, 2), u)
+            dx = _atmm(adj, u).add_(torch.mm(dpre2, _cat([p[1] for p in ps])).view(B, N, Fi))
         if need_adj:
             part = torch.bmm(u, x.transpose(1, 2))
             dadj = part if dadj is None else dadj.add_(part)
             dqi = (v * first[1]).sum(dim=-1, keepdim=True)  # first[1] = A x
             dq = dqi if dq is None else dq.add_(dqi)
     return dx, dadj, dq
+
+
+def _amm(adj, t: Tensor) -> Tensor:
+    """A t for a dense [B, N, N] adjacency or a BlockSparseAdj."""
+    return adj.mm(t) if isinstance(adj, BlockSparseAdj) else torch.bmm(adj, t)
+
+
+def _atmm(adj, t: Tensor) -> Tensor:
+    """A^T t for a dense [B, N, N] adjacency or a BlockSparseAdj."""
+    return adj.tmm(t) if isinstance(adj, BlockSparseAdj) else torch.bmm(adj.transpose(1, 2), t)
 
 
 def _linear_maps(prev, ps, G, lin, lout, rows, like) -> Tuple[Tensor, Tensor]:
@@ -342,6 +358,9 @@ def sage_blocks(x: Tensor, adj: Tensor, mask: Optional[Tensor], count: int, bloc
             if use_bn:
                 params += [bns[li].weight, bns[li].bias]
                 norms.append(bns[li])
-    if not adj.is_floating_point():
+    if isinstance(adj, BlockSparseAdj):
+        if adj.dtype != x.dtype:
+            raise TypeError(f"sparse adjacency holds {adj.dtype} values, x is {x.dtype}")
+    elif not adj.is_floating_point():
         adj = adj.to(x.dtype)
     return SageBlocksFunction.apply(x, adj, mask, count, norms if use_bn else None, L, len(blocks), *params)

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from .fused import sage_blocks
 from .layers import LAYER_TYPES, DenseSAGE, MaskedBatchNorm, _batched, make_layer
 from .pool import dense_diff_pool
+from .sparse import BlockSparseAdj
+from .sparse import worth_it as sparse_worth_it
 
 __all__ = ["DenseGNN", "DiffPool", "DiffPoolOutput", "DiffPoolClassifier", "cluster_counts", "READOUTS"]
 
@@ -210,9 +212,11 @@ class DiffPool(nn.Module):
         #: Run the two GNNs side by side as one fused node where both are fusable SAGE blocks.
         self.pair_gnns = True
 
-    def _gnns(self, x: Tensor, adj: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def _gnns(self, x: Tensor, adj: Tensor, mask: Optional[Tensor],
+              sparse_adj: Optional[BlockSparseAdj] = None) -> Tuple[Tensor, Tensor]:
         """Assignment logits and embedding. Where both GNNs are fused SAGE blocks with one layer
-        count and norm choice, they run side by side as one autograd node (diffpool_fast.fused)."""
+        count and norm choice, they run side by side as one autograd node (diffpool_fast.fused),
+        with ``sparse_adj`` (the same adjacency as a BlockSparseAdj) for the products where given."""
         a, e = self.assign, self.embed
         x3, adj3, mask3 = _batched(x, adj, mask)
         if mask3 is not None and mask3.dtype != torch.bool:
@@ -221,19 +225,25 @@ class DiffPool(nn.Module):
         if (count is not None and e._fused_count(x3, adj3, mask3, count) is not None and len(a.convs) == len(e.convs)
                 and (a.norms is None) == (e.norms is None)
                 and (a.norms is None or len({n.eps for n in list(a.norms) + list(e.norms)}) == 1)):
-            z, s = sage_blocks(x3, adj3, mask3, count, [(e.convs, e.norms), (a.convs, a.norms)])
+            z, s = sage_blocks(x3, adj3 if sparse_adj is None else sparse_adj, mask3, count,
+                               [(e.convs, e.norms), (a.convs, a.norms)])
             return a._finish(s, mask3), z
+        if not adj.is_floating_point():
+            adj = adj.to(x.dtype)
         return a(x, adj, mask), e(x, adj, mask)
 
-    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None) -> DiffPoolOutput:
-        s, z = self._gnns(x, adj, mask)
+    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None, *,
+                sparse_adj: Optional[BlockSparseAdj] = None) -> DiffPoolOutput:
+        """``sparse_adj``: ``adj`` as a :class:`diffpool_fast.sparse.BlockSparseAdj` (input graphs
+        only, no gradient for adj): the fused GNNs and the torch coarsening multiply with it."""
+        s, z = self._gnns(x, adj, mask, sparse_adj)
         if self.link_norm == "graph":
             # Per-graph losses averaged over the graphs that have nodes: unlike the batch-wide
             # entropy (divided by B*N, padding included), this does not change with how far a
             # batch is padded, so size-bucketed and fully padded batches train the same model.
             out, out_adj, link_g, ent_g = dense_diff_pool(
                 z, adj, s, mask, normalize="graph", backend=self.backend, per_graph=True,
-                adj_symmetric=self.adj_symmetric,
+                adj_symmetric=self.adj_symmetric, _adj_op=sparse_adj,
             )
             if mask is None:
                 link, ent = link_g.mean(), ent_g.mean()
@@ -244,7 +254,7 @@ class DiffPool(nn.Module):
         else:
             out, out_adj, link, ent = dense_diff_pool(
                 z, adj, s, mask, normalize=self.link_norm, backend=self.backend,
-                adj_symmetric=self.adj_symmetric,
+                adj_symmetric=self.adj_symmetric, _adj_op=sparse_adj,
             )
         return DiffPoolOutput(out, out_adj, link, ent, z, s)
 
@@ -383,14 +393,20 @@ class DiffPoolClassifier(nn.Module):
             mask = mask.reshape(1, -1) if mask is not None else None
         if mask is not None and mask.dtype != torch.bool:
             mask = mask != 0
+        # Large sparse input graphs: level 0 multiplies with a block-diagonal CSR matrix instead
+        # (diffpool_fast.sparse); a byte adjacency is then not converted to a dense float copy.
+        sparse_adj = None
+        if self.levels and sparse_worth_it(adj):
+            sparse_adj = BlockSparseAdj(adj, x.dtype, symmetric=bool(self.levels[0].adj_symmetric))
         # One conversion of a byte adjacency for all the layers and the pooling of level 0.
-        if not adj.is_floating_point():
+        elif not adj.is_floating_point():
             adj = adj.to(x.dtype)
         reads = []
         link = x.new_zeros(())
         ent = x.new_zeros(())
         for level in self.levels:
-            out = level(x, adj, mask)
+            out = level(x, adj, mask, sparse_adj=sparse_adj)
+            sparse_adj = None
             if self.readout_levels == "all":
                 reads.append(_readout(out.embedding, mask, self.readout))
             x, adj, mask = out.x, out.adj, None

@@ -6,7 +6,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .dispatch import coarsen
+from .coarsen_torch import coarsen_torch
+from .dispatch import coarsen, resolve_backend
 from .inputs import check_pool_inputs, node_counts
 
 NORMALIZE_MODES = ("numel", "none", "graph")
@@ -40,6 +41,7 @@ def dense_diff_pool(
     backend: str = "auto",
     per_graph: bool = False,
     adj_symmetric: Optional[bool] = None,
+    _adj_op=None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""DiffPool coarsening (Ying et al. 2018), a drop-in for PyG's ``dense_diff_pool``.
 
@@ -77,6 +79,9 @@ def dense_diff_pool(
             correct. Passing ``True`` for a non-symmetric adj gives wrong gradients.
 
     Errors: ``TypeError``/``ValueError`` naming the argument and shapes for bad inputs.
+
+    ``_adj_op`` (internal): a :class:`diffpool_fast.sparse.BlockSparseAdj` of ``adj``, used for
+    the products with A on the torch path (``adj`` itself is then only checked, not read).
     """
     mode = _normalize_mode(normalize)
     if not isinstance(per_graph, bool):
@@ -85,7 +90,10 @@ def dense_diff_pool(
         raise TypeError(f"adj_symmetric must be None, True or False, got {adj_symmetric!r}")
     inp = check_pool_inputs(x, adj, s, mask)
     B, N = inp.x.shape[0], inp.x.shape[1]
-    out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend, adj_symmetric)
+    if _adj_op is not None and resolve_backend(backend, inp.x.device) == "torch":
+        out, out_adj, link_sq, ent_sum = coarsen_torch(inp.x, _adj_op, inp.s, inp.mask, adj_symmetric)
+    else:
+        out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend, adj_symmetric)
 
     result_dtype = torch.promote_types(inp.x.dtype, inp.s.dtype)
     n = node_counts(inp.mask, B, N, link_sq.device).to(link_sq.dtype)
