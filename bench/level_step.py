@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+
+from provenance import header  # noqa: E402  (bench/ is on sys.path)
 
 
 def _measure(n_list, B, threads, reps):
@@ -74,10 +77,6 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(_measure(n_list, args.batch, args.threads, args.reps)))
         return
-    import torch
-
-    from diffpool_fast import __version__
-
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
@@ -105,17 +104,13 @@ def main(argv=None):
         for ref_dir in tmp.iterdir() if tmp.exists() else []:
             subprocess.run(["git", "worktree", "remove", "--force", str(ref_dir)], cwd=REPO, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    command = "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:]))
     lines = [
         "# One DiffPool level, forward + backward (CPU)",
         "",
         f"Level 0, 3 input features, 62 clusters, batch norm, B={args.batch}, {args.threads} threads; best of "
         f"3 blocks of {args.reps} runs per process, best over {args.rounds} alternating rounds; ms.",
         "",
-        f"- command: `{command}`",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        f"- versions: torch {torch.__version__}, diffpool_fast {__version__}, python {platform.python_version()}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        *header(__file__, argv),
         "",
         "| revision | " + " | ".join(f"N={n}" for n in n_list) + " |",
         "| --- | " + " | ".join("---:" for _ in n_list) + " |",

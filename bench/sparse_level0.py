@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -24,6 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+
+
+from provenance import header  # noqa: E402  (bench/ is on sys.path)
 
 
 def _worker(dataset, root, threads, reps):
@@ -79,10 +81,6 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(_worker(args.worker, args.data_root, args.threads, args.reps)))
         return
-    import torch
-
-    from diffpool_fast import __version__
-
     res = {}
     for name in args.datasets.split(","):
         for mode in ("0", "auto"):
@@ -92,7 +90,6 @@ def main(argv=None):
                                check=True, cwd=REPO)
             res[(name, mode)] = json.loads(p.stdout.strip().splitlines()[-1])
             print(f"{name} sparse={mode}: {res[(name, mode)]}", file=sys.stderr)
-    command = "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:]))
     lines = [
         "# Level 0 on a sparse (block-diagonal CSR) adjacency vs dense batched products",
         "",
@@ -101,10 +98,7 @@ def main(argv=None):
         f"largest; best of {args.reps} after a warm-up step; {args.threads} threads; each mode in its own process "
         "(peak RSS of that process).",
         "",
-        f"- command: `{command}`",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        f"- versions: torch {torch.__version__}, diffpool_fast {__version__}, python {platform.python_version()}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        *header(__file__, argv),
         "",
         "| dataset | clusters | batch N | dense ms | sparse (auto) ms | speed-up | peak RSS dense / auto MB |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",

@@ -20,8 +20,6 @@ Writes bench/step_overhead.md (command, machine, versions included).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,7 +27,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
 SHAPES = [(1, 3), (20, 3), (10, 45), (20, 45), (40, 45)]
+
+
+from provenance import header  # noqa: E402  (bench/ is on sys.path)
 
 
 def _measure(threads: int, steps: int, compiled: bool) -> list:
@@ -106,10 +108,6 @@ def main(argv=None):
         return
     import json
 
-    import torch
-
-    from diffpool_fast import __version__
-
     jobs = [(int(t), False) for t in args.threads.split(",")]
     if args.compile:
         jobs.append((max(int(t) for t in args.threads.split(",")), True))
@@ -119,7 +117,6 @@ def main(argv=None):
                               str(args.steps)], capture_output=True, text=True, check=True, cwd=REPO)
         rows += json.loads(out.stdout.strip().splitlines()[-1])
         print(f"done: threads {threads}{' compiled' if compiled else ''}", file=sys.stderr)
-    command = "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:]))
     lines = [
         "# Fixed and per-graph parts of a DiffPoolClassifier training step (CPU)",
         "",
@@ -127,10 +124,7 @@ def main(argv=None):
         "generated batches of B graphs x N node slots (last fifth padding); best of 3 blocks of "
         f"{args.steps} steps after 10 warm-up steps; each thread count in a fresh process.",
         "",
-        f"- command: `{command}`",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        f"- versions: torch {torch.__version__}, diffpool_fast {__version__}, python {platform.python_version()}",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        *header(__file__, argv),
         "",
         "| variant | threads | B | N | ms per step | ms per 20 graphs |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
