@@ -50,7 +50,9 @@ def test_full_run_writes_metrics_and_results(tmp_path):
     assert cli.main(SMALL + ["--out", str(out)]) == 2
 
 
-def test_resume_after_interruptions_is_exact(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sparse", ["0", "1"])  # level 0 dense, or on the CSR adjacency
+def test_resume_after_interruptions_is_exact(tmp_path, monkeypatch, capsys, sparse):
+    monkeypatch.setenv("DIFFPOOL_FAST_SPARSE", sparse)
     ref = tmp_path / "ref"
     assert cli.main(SMALL + ["--out", str(ref)]) == 0
 
