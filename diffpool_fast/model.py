@@ -396,7 +396,7 @@ class DiffPoolClassifier(nn.Module):
         # Large sparse input graphs: level 0 multiplies with a block-diagonal CSR matrix instead
         # (diffpool_fast.sparse); a byte adjacency is then not converted to a dense float copy.
         sparse_adj = None
-        if self.levels and sparse_worth_it(adj):
+        if self.levels and x.dtype in (torch.float32, torch.float64) and sparse_worth_it(adj):
             sparse_adj = BlockSparseAdj(adj, x.dtype, symmetric=bool(self.levels[0].adj_symmetric))
         # One conversion of a byte adjacency for all the layers and the pooling of level 0.
         elif not adj.is_floating_point():
