@@ -353,12 +353,22 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
+def triton_unavailable(device: str) -> Optional[str]:
+    """Why the Triton path cannot be benchmarked here, or None."""
+    from . import dispatch
+
+    if not dispatch.triton_importable():
+        return "triton is not installed (pip install 'diffpool_fast[triton]')"
+    if device != "cuda":
+        return "needs a CUDA GPU (on CPU Triton only runs under its interpreter, which is not a benchmark)"
+    return None
+
+
 def make_backend(name: str, device: str, shape: Optional[Shape] = None) -> Backend:
     """The callable ``fn(x, adj, s, mask) -> (out, out_adj, link, ent)`` of a backend, or the
     reason it cannot run here."""
     import torch
 
-    from . import dispatch
     from .pool import dense_diff_pool
 
     sym = True if (shape is not None and shape.promise_symmetric) else None
@@ -366,11 +376,9 @@ def make_backend(name: str, device: str, shape: Optional[Shape] = None) -> Backe
         return Backend(name, lambda x, adj, s, mask: dense_diff_pool(x, adj, s, mask, backend="torch",
                                                                      adj_symmetric=sym))
     if name == "triton":
-        if not dispatch.triton_importable():
-            return Backend(name, reason="triton is not installed (pip install 'diffpool_fast[triton]')")
-        if device != "cuda":
-            return Backend(name, reason="needs a CUDA GPU (on CPU Triton only runs under its "
-                                        "interpreter, which is not a benchmark)")
+        reason = triton_unavailable(device)
+        if reason:
+            return Backend(name, reason=reason)
         try:
             from . import coarsen_triton  # noqa: F401  (availability check)
         except ImportError as err:

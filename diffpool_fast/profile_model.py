@@ -79,15 +79,10 @@ def make_model_backend(name: str, ms: ModelShape, device: str) -> ModelBackend:
     import torch
     import torch.nn.functional as F
 
-    from . import dispatch
-
     if name in ("torch", "triton"):
-        if name == "triton":
-            if not dispatch.triton_importable():
-                return ModelBackend(name, reason="triton is not installed")
-            if device != "cuda":
-                return ModelBackend(name, reason="needs a CUDA GPU (the Triton interpreter on "
-                                                 "CPU is not a benchmark)")
+        reason = prof.triton_unavailable(device) if name == "triton" else None
+        if reason:
+            return ModelBackend(name, reason=reason)
         try:
             from .model import DiffPoolClassifier
         except ImportError as err:
