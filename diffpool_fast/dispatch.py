@@ -77,10 +77,13 @@ def coarsen(
     mask: Optional[Tensor],
     backend: str = "auto",
     adj_symmetric: Optional[bool] = None,
+    adj_op=None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-graph coarsening quantities ``(out, out_adj, link_sq, ent_sum)`` on the chosen backend.
 
-    Inputs must already be checked and batched (``inputs.check_pool_inputs``).
+    Inputs must already be checked and batched (``inputs.check_pool_inputs``). ``adj_op``: the
+    same adjacency as a :class:`diffpool_fast.sparse.BlockSparseAdj`, which the torch path then
+    multiplies with (the Triton kernels read the dense ``adj``).
     """
     chosen = resolve_backend(backend, x.device)
     if chosen == "triton":
@@ -92,4 +95,4 @@ def coarsen(
         if reason is None:
             return coarsen_triton.coarsen_triton(x, adj, s, mask, adj_symmetric=adj_symmetric)
         _warn_once(reason, f"diffpool_fast: falling back to the torch path: {reason}")
-    return coarsen_torch(x, adj, s, mask, adj_symmetric)
+    return coarsen_torch(x, adj if adj_op is None else adj_op, s, mask, adj_symmetric)

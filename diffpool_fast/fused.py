@@ -37,6 +37,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .coarsen_torch import adjacency_matmul
 from .sparse import BlockSparseAdj
 
 __all__ = ["SageBlocksFunction", "sage_blocks"]
@@ -87,7 +88,7 @@ class SageBlocksFunction(torch.autograd.Function):
             tot = loff[li][G]
             ps = [P(li, g) for g in range(G)]
             if li == 0 and agg_first:
-                ax_raw = _amm(adj, x)
+                ax_raw = adjacency_matmul(adj, x)
                 ax = ax_raw * q
                 r = torch.addmm(_cat([p[2] for p in ps]), x2, _cat([p[1] for p in ps]).t())
                 r = r.addmm_(ax.view(B * N, -1), _cat([p[0] for p in ps]).t()).view(B, N, tot).relu_()
@@ -100,7 +101,7 @@ class SageBlocksFunction(torch.autograd.Function):
                 else:
                     rel, root = _linear_maps(prev, ps, G, loff[li - 1], loff[li], B * N, x)
                 rel = rel.view(B, N, tot)
-                agg = _amm(adj, rel)
+                agg = adjacency_matmul(adj, rel)
                 r = torch.addcmul(root.view(B, N, tot), agg, q).relu_()
             if m is not None:
                 r.mul_(m)
@@ -194,7 +195,7 @@ class SageBlocksFunction(torch.autograd.Function):
                 dx, dadj, dq = _first_layer_backward(ctx, dpre2, x, x2, adj, q, first, ps, put, loff, dadj, dq)
                 continue
             dagg = dpre * q
-            drel = _atmm(adj, dagg).view(BN, tot)
+            drel = adjacency_matmul(adj, dagg, transpose=True).view(BN, tot)
             if li == 0:
                 dwo = torch.mm(dpre2.t(), x2)
                 dwr = torch.mm(drel.t(), x2)
@@ -244,23 +245,13 @@ def _first_layer_backward(ctx, dpre2, x, x2, adj, q, first, ps, put, loff, dadj,
         v = torch.mm(dpre2, _cat([p[0] for p in ps])).view(B, N, Fi)  # d(q * A x)
         u = v * q  # d(A x)
         if need_x:
-            dx = _atmm(adj, u).add_(torch.mm(dpre2, _cat([p[1] for p in ps])).view(B, N, Fi))
+            dx = adjacency_matmul(adj, u, transpose=True).add_(torch.mm(dpre2, _cat([p[1] for p in ps])).view(B, N, Fi))
         if need_adj:
             part = torch.bmm(u, x.transpose(1, 2))
             dadj = part if dadj is None else dadj.add_(part)
             dqi = (v * first[1]).sum(dim=-1, keepdim=True)  # first[1] = A x
             dq = dqi if dq is None else dq.add_(dqi)
     return dx, dadj, dq
-
-
-def _amm(adj, t: Tensor) -> Tensor:
-    """A t for a dense [B, N, N] adjacency or a BlockSparseAdj."""
-    return adj.mm(t) if isinstance(adj, BlockSparseAdj) else torch.bmm(adj, t)
-
-
-def _atmm(adj, t: Tensor) -> Tensor:
-    """A^T t for a dense [B, N, N] adjacency or a BlockSparseAdj."""
-    return adj.tmm(t) if isinstance(adj, BlockSparseAdj) else torch.bmm(adj.transpose(1, 2), t)
 
 
 def _linear_maps(prev, ps, G, lin, lout, rows, like) -> Tuple[Tensor, Tensor]:

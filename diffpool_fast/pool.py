@@ -6,8 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .coarsen_torch import coarsen_torch
-from .dispatch import coarsen, resolve_backend
+from .dispatch import coarsen
 from .inputs import check_pool_inputs, node_counts
 
 NORMALIZE_MODES = ("numel", "none", "graph")
@@ -90,10 +89,7 @@ def dense_diff_pool(
         raise TypeError(f"adj_symmetric must be None, True or False, got {adj_symmetric!r}")
     inp = check_pool_inputs(x, adj, s, mask)
     B, N = inp.x.shape[0], inp.x.shape[1]
-    if _adj_op is not None and resolve_backend(backend, inp.x.device) == "torch":
-        out, out_adj, link_sq, ent_sum = coarsen_torch(inp.x, _adj_op, inp.s, inp.mask, adj_symmetric)
-    else:
-        out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend, adj_symmetric)
+    out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend, adj_symmetric, _adj_op)
 
     result_dtype = torch.promote_types(inp.x.dtype, inp.s.dtype)
     n = node_counts(inp.mask, B, N, link_sq.device).to(link_sq.dtype)

@@ -32,7 +32,7 @@ MIN_NODES = 384
 MAX_DENSITY = 0.05
 
 
-def worth_it(adj: Tensor, mask_present: bool = True) -> bool:
+def worth_it(adj: Tensor) -> bool:
     """Whether level 0 of this batch should use :class:`BlockSparseAdj`.
 
     ``DIFFPOOL_FAST_SPARSE=0`` never, ``=1`` always (for tests), otherwise (auto) on CPU when the
