@@ -123,8 +123,8 @@ class SageBlocksFunction(torch.autograd.Function):
         ctx.count, ctx.use_bn, ctx.has_mask = count, use_bn, m is not None
         ctx.eps = [bn.eps for bn in bn_state] if use_bn else None
         ctx.sparse_adj = adj if sparse else None  # not a tensor: kept on ctx
-        ctx.save_for_backward(x, None if sparse else adj, q, deg, *([m] if m is not None else []), *results, *saved, *stats, *first,
-                              *params)
+        ctx.save_for_backward(x, None if sparse else adj, q, deg, *([m] if m is not None else []), *results, *saved,
+                              *stats, *first, *params)
         return tuple(results)
 
     @staticmethod
