@@ -250,20 +250,12 @@ def _set_rng_state(st) -> None:
 
 
 def _versions() -> dict:
+    """The installed versions ``diffpool-fast profile`` records, and numpy's."""
     import numpy as np
-    import torch
 
-    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    try:
-        import torch_geometric
+    from .profile import versions
 
-        v["torch_geometric"] = torch_geometric.__version__
-    except ImportError:
-        pass
-    from . import __version__
-
-    v["diffpool_fast"] = __version__
-    return v
+    return {**versions(), "numpy": np.__version__}
 
 
 def _machine(device) -> dict:
