@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from train_speed import HERE, REPO, _default_root  # bench/ is the script's folder, on sys.path
+from train_speed import HERE, _default_root  # bench/ is the script's folder, on sys.path
 
 
 def _train(variant: str, data_root: str, epochs: int, threads: int) -> dict:
@@ -136,16 +134,11 @@ def main(argv=None):
                                "each": [round(o["graphs_per_s"]) for o in outs]}
     overhead = _level_overhead(args.threads)
 
-    import torch
+    from provenance import header  # bench/ is the script's folder, on sys.path
 
-    from diffpool_fast import __version__
-    command = "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:]))
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
-    versions = f"torch {torch.__version__}, diffpool_fast {__version__}, python {platform.python_version()}"
     base = res["fused"]["graphs_per_s"]
     lines = ["# Training-step variants of DiffPoolClassifier (PROTEINS <= 150 nodes, batch 20, bucketed)", "",
-             f"- command: `{command}`", f"- machine: {machine}", f"- versions: {versions}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             *header(__file__, argv), "",
              "Data loading excluded (batches collated once); one warm-up epoch, then "
              f"{args.epochs} timed epochs per variant, each variant in a fresh process.", "",
              "| variant | threads | graphs/s | vs fused | ms per step | warm-up epoch s |",
