@@ -30,8 +30,9 @@ sees a representative mix of batches. Throughput = graphs timed / seconds timed:
 Usage: python bench/train_speed.py [--data-root DIR] [--rounds 24] [--threads 2]
 on a quiet machine. OMP_WAIT_POLICY=PASSIVE helps only on a machine shared with other jobs (where
 spinning 2-thread OpenMP teams can collapse to a few graphs/s); on the quiet machine it made every
-provider 2.2-2.9x slower and moved the ratios (2026-11-25: PyG's example 262 vs 584 graphs/s,
-ours-bucketed 1.56x vs 2.01x), so never compare runs with and without it.
+provider 2.2-2.9x slower and moved the ratios (train_speed_passive.md vs train_speed.md, two runs
+on 2026-11-25: PyG's example 264 vs 584 graphs/s, ours-bucketed 1.59x vs 2.09x), so never compare
+runs with and without it.
 Writes bench/train_speed.csv and bench/train_speed.md (command, machine, versions included).
 """
 from __future__ import annotations
