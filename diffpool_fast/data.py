@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import CACHE_ENV, DATA_ROOT_ENV, env
+from .errors import DatasetError
+
 __all__ = [
     "DatasetError",
     "GraphDataset",
@@ -41,22 +44,14 @@ __all__ = [
     "CACHE_ENV",
 ]
 
-DATA_ROOT_ENV = "DIFFPOOL_FAST_DATA"
-CACHE_ENV = "DIFFPOOL_FAST_CACHE"
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be found or read; the message says what to do."""
-
-
 def default_data_root() -> str:
     """``$DIFFPOOL_FAST_DATA`` if set, else ``./data``."""
-    return os.environ.get(DATA_ROOT_ENV) or "data"
+    return env(DATA_ROOT_ENV) or "data"
 
 
 def default_cache_dir() -> str:
     """``$DIFFPOOL_FAST_CACHE`` if set, else ``~/.cache/diffpool_fast``."""
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "diffpool_fast")
+    return env(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "diffpool_fast")
 
 
 class GraphDataset:

@@ -41,7 +41,7 @@ def test_representative_kernels_compile_without_spills(tmp_path):
 
 
 def test_failures_are_reported_as_failures():
-    from diffpool_fast.compile_check import SMEM_LIMIT, Result
+    from diffpool_fast.profiling.compile_check import SMEM_LIMIT, Result
 
     ok = Result("k", "cfg", 80, 100, 0, 1024, None)
     assert ok.ok

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffpool_fast import BACKEND_ENV, dense_diff_pool
-from diffpool_fast.dispatch import resolve_backend
+from diffpool_fast.ops.dispatch import resolve_backend
 
 
 def test_auto_is_torch_on_cpu(monkeypatch):

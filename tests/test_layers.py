@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diffpool_fast.layers import DenseGCN, DenseGIN, DenseSAGE, MaskedBatchNorm
+from diffpool_fast.nn.layers import DenseGCN, DenseGIN, DenseSAGE, MaskedBatchNorm
 
 pyg_dense = pytest.importorskip("torch_geometric.nn.dense")
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from diffpool_fast import dense_diff_pool
 from diffpool_fast.data import DenseLoader, collate, make_synthetic
-from diffpool_fast.model import DiffPool, DiffPoolClassifier, cluster_counts
-from diffpool_fast.reference import dense_diff_pool_reference
+from diffpool_fast.nn.model import DiffPool, DiffPoolClassifier, cluster_counts
+from diffpool_fast.ops.reference import dense_diff_pool_reference
 
 
 def _random_batch(B=4, N=17, F=6, seed=None):
@@ -131,7 +131,7 @@ def test_explicit_clusters_and_bad_arguments():
 
 def test_pyg_baseline_runs():
     pytest.importorskip("torch_geometric")
-    from diffpool_fast.baselines import PyGDiffPoolNet
+    from diffpool_fast.nn.baselines import PyGDiffPoolNet
 
     x, adj, mask, y = _random_batch(N=30)
     net = PyGDiffPoolNet(6, 3, max_nodes=30, hidden=16)

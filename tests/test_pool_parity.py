@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffpool_fast import dense_diff_pool
-from diffpool_fast.reference import dense_diff_pool_reference, per_graph_link_reference
+from diffpool_fast.ops.reference import dense_diff_pool_reference, per_graph_link_reference
 
 pyg = pytest.importorskip("torch_geometric.nn")
 

@@ -4,17 +4,12 @@ import csv
 import pytest
 import torch
 
-from diffpool_fast import cli, costmodel
-from diffpool_fast.costmodel import Shape
-from diffpool_fast.profile import (
-    build_config,
-    clusters_for,
-    cpu_peak_supported,
-    cpu_peaks_subprocess,
-    make_backend,
-    measure_cpu_peak,
-    parse_bytes,
-)
+from diffpool_fast import cli
+from diffpool_fast.profiling import costmodel
+from diffpool_fast.profiling.costmodel import Shape
+from diffpool_fast.profiling.harness import make_backend
+from diffpool_fast.profiling.memory import cpu_peak_supported, cpu_peaks_subprocess, measure_cpu_peak
+from diffpool_fast.profiling.options import build_config, clusters_for, parse_bytes
 
 MiB = 1 << 20
 needs_proc = pytest.mark.skipif(cpu_peak_supported() is not None, reason="needs Linux /proc")
@@ -255,8 +250,8 @@ def test_model_profile_times_a_training_step(tmp_path, capsys):
     assert rc == 0
     rows = {r["backend"]: r for r in _rows(out / "model_profile.csv")}
     assert rows["triton"]["status"] == "skipped" and "CUDA" in rows["triton"]["reason"]
-    have_model = importlib.util.find_spec("diffpool_fast.model") is not None
-    have_baseline = importlib.util.find_spec("diffpool_fast.baselines") is not None
+    have_model = importlib.util.find_spec("diffpool_fast.nn.model") is not None
+    have_baseline = importlib.util.find_spec("diffpool_fast.nn.baselines") is not None
     for name, present in (("torch", have_model), ("pyg", have_baseline)):
         r = rows[name]
         if not present:  # the model branch is not merged into this build

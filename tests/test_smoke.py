@@ -1,7 +1,7 @@
 import torch
 
 from diffpool_fast import dense_diff_pool
-from diffpool_fast.reference import dense_diff_pool_reference
+from diffpool_fast.ops.reference import dense_diff_pool_reference
 
 
 def test_torch_path_matches_reference_float64():

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from diffpool_fast import coarsen_torch, dense_diff_pool
+from diffpool_fast import dense_diff_pool
+from diffpool_fast.ops import coarsen_torch
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -35,7 +36,7 @@ def test_no_n_by_n_intermediate_forward_and_backward(adj_dtype, normalize, monke
     B, N, F, C = 3, 96, 8, 5
     # Converting a bool/uint8/bf16 adjacency goes a few graphs at a time: shrink the chunk to one
     # graph so that a whole-batch conversion would show.
-    monkeypatch.setattr(coarsen_torch, "_CONVERT_CHUNK_BYTES", N * N * 4)
+    monkeypatch.setattr(coarsen_torch, "CONVERT_CHUNK_BYTES", N * N * 4)
     x = torch.randn(B, N, F, requires_grad=True)
     s = torch.randn(B, N, C, requires_grad=True)
     adj = (torch.rand(B, N, N) < 0.1).to(adj_dtype)

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from diffpool_fast import cli, train
+from diffpool_fast import cli
+from diffpool_fast.train import loop as train
 
 SMALL = ["train", "--synthetic-graphs", "48", "--epochs", "3", "--folds", "2", "--hidden", "8",
          "--layers", "2", "--batch-size", "8", "--dropout", "0.2", "--progress", "off", "--seed", "4"]
@@ -133,7 +134,7 @@ def test_cuda_request_without_cuda(tmp_path, capsys):
 
 
 def test_auto_threads_leave_busy_cores_alone():
-    from diffpool_fast.train import auto_threads
+    from diffpool_fast.train.loop import auto_threads
 
     assert auto_threads(2, 2, 0.1) == 2
     assert auto_threads(2, 2, 1.2) == 1  # one other busy process on a 2-core machine

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from diffpool_fast import dense_diff_pool
-from diffpool_fast.coarsen_triton import coarsen_triton, forced_blocks, unsupported_reason
-from diffpool_fast.reference import coarsen_reference, dense_diff_pool_reference
+from diffpool_fast.ops.coarsen_triton import coarsen_triton, forced_blocks, unsupported_reason
+from diffpool_fast.ops.reference import coarsen_reference, dense_diff_pool_reference
 from triton_cases import (
     DEVICE, NAMES, assert_close_scaled, fresh_generator, make_inputs, nan_poisoned_allocations,
     tolerance,

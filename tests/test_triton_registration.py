@@ -6,8 +6,9 @@ import warnings
 import pytest
 import torch
 
-from diffpool_fast import dense_diff_pool, dispatch
-from diffpool_fast.coarsen_triton import coarsen_triton, unsupported_reason
+from diffpool_fast import BACKEND_ENV, dense_diff_pool
+from diffpool_fast.ops import dispatch
+from diffpool_fast.ops.coarsen_triton import coarsen_triton, unsupported_reason
 from triton_cases import DEVICE, assert_close_scaled, fresh_generator, make_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -104,5 +105,5 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_auto_backend_on_cpu_is_torch(monkeypatch):
-    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
     assert dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"

@@ -8,20 +8,21 @@ step: the GNN layers' A H, their backward A^T G, and the pooling's A S over all 
 (graph b's block at rows and columns b*N .. b*N+N-1), built once per step from the dense batch
 (one pass over it), so that each product costs O(nnz * K) instead of O(B N^2 K).
 
-Only the products change: the fused SAGE blocks (diffpool_fast.fused) and the torch coarsening
-(diffpool_fast.coarsen_torch) take a BlockSparseAdj in place of the dense adjacency at level 0,
+Only the products change: the fused SAGE blocks (diffpool_fast.nn.sage_blocks) and the torch coarsening
+(diffpool_fast.ops.coarsen_torch) take a BlockSparseAdj in place of the dense adjacency at level 0,
 and compute the same values (up to summation order). A level-0 adjacency never needs a gradient
-(it is input data), so none is computed. :class:`diffpool_fast.model.DiffPoolClassifier` decides
+(it is input data), so none is computed. :class:`diffpool_fast.nn.model.DiffPoolClassifier` decides
 per batch whether to use it (:func:`worth_it`).
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..config import sparse_mode
 
 __all__ = ["BlockSparseAdj", "worth_it", "MIN_NODES", "MAX_DENSITY"]
 
@@ -40,7 +41,7 @@ def worth_it(adj: Tensor) -> bool:
     adjacency is nonzero. The GPU keeps the dense path (its fused kernels read A once; the sparse
     path has not been measured there).
     """
-    mode = os.environ.get("DIFFPOOL_FAST_SPARSE", "auto")
+    mode = sparse_mode()
     if mode == "0" or adj.requires_grad or adj.dim() != 3:
         return False
     if mode == "1":

@@ -1,7 +1,7 @@
 """Analytic cost of one DiffPool coarsening step: the floor, and each backend's memory.
 
-Everything here is arithmetic on shapes (no torch import), so a user can predict the cost of
-sizes they cannot run. Formulas follow shared/MATH.md.
+Everything here is arithmetic on shapes (no tensor is made), so a user can predict the cost of
+sizes they cannot run. Formulas follow docs/math.md.
 
 Notation: B graphs, N (padded) nodes, C clusters, F features; ``e`` bytes per element of the
 compute dtype (x and s), ``a`` bytes per adjacency entry (1 for bool/uint8).
@@ -37,6 +37,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from ..config import CONVERT_CHUNK_BYTES
+
 #: bytes per element of the dtypes the profiler accepts (names as in torch, without "torch.").
 ITEMSIZE = {
     "float64": 8,
@@ -49,11 +51,9 @@ ITEMSIZE = {
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 ADJ_DTYPES = FLOAT_DTYPES + ("bool", "uint8")
 MODES = ("fwd", "bwd", "full")
-BACKENDS = ("torch", "pyg", "compile", "triton")
-
-# The torch path converts a non-compute-dtype adjacency this many bytes at a time
-# (coarsen_torch._CONVERT_CHUNK_BYTES).
-_TORCH_CONVERT_CHUNK = 64 << 20
+#: the implementations ``diffpool-fast profile`` compares (not the pooling op's ``backend``
+#: argument, ``config.POOL_BACKENDS``): ours on torch and Triton, PyG's, and PyG's compiled
+PROFILE_BACKENDS = ("torch", "pyg", "compile", "triton")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Shape:
 
     @property
     def compute_dtype(self) -> str:
-        """Our paths compute in fp32 for half inputs (coarsen_torch.compute_dtype)."""
+        """Our paths compute in fp32 for half inputs (ops.coarsen_torch.compute_dtype)."""
         return "float32" if self.dtype in ("float16", "bfloat16") else self.dtype
 
     @property
@@ -270,23 +270,24 @@ def memory_model(backend: str, shape: Shape, mode: str) -> MemoryEstimate:
     - ``pyg`` (torch_geometric.nn.dense_diff_pool): saves softmax(s), S, the masked x, SᵀA
       (B·C·N) and the residual R = A - SSᵀ (n2), plus log(S+eps), S+eps and -S for the entropy.
       Forward peak: S Sᵀ and R alive together (2·n2). Backward: the norm's backward holds R,
-      R/||R|| and its product with the upstream gradient (3·n2). A non-float adjacency is converted to the compute
-      dtype first (one more n2, kept: SᵀA's backward saves it).
+      R/||R|| and its product with the upstream gradient (3·n2). A non-float adjacency is
+      converted to the compute dtype first (one more n2, kept: SᵀA's backward saves it).
     - ``compile`` (torch.compile of PyG's function): the matmul S Sᵀ is still materialised (n2),
       the residual is fused into the reduction, and one N x N tensor is alive at a time in
       backward too. Fitted to CPU measurements with torch 2.13: Inductor's choices vary.
-    - ``torch`` (our lean path, coarsen_torch.CoarsenTorch): no N x N tensor. Saves softmax(s),
-      S (the same tensor when there is no mask) and AS: 3·nc; forward transients S+eps and
-      log(S+eps) (2·nc); backward transients W, dS and the entropy and softmax terms (4·nc). A
-      non-compute-dtype adjacency is converted at most 64 MiB at a time (plus an int64 copy for
-      a uint8 adjacency's norm).
-    - ``triton``: the fused kernels keep S and AS (2·nc) as MATH.md prescribes, and write dL, dX.
+    - ``torch`` (our lean path, ops.coarsen_torch.CoarsenTorchFunction): no N x N tensor.
+      Saves softmax(s), S (the same tensor when there is no mask) and AS: 3·nc; forward
+      transients S+eps and log(S+eps) (2·nc); backward transients W, dS and the entropy and
+      softmax terms (4·nc). A non-compute-dtype adjacency is converted at most
+      ``config.CONVERT_CHUNK_BYTES`` at a time (plus an int64 copy for a uint8 adjacency's norm).
+    - ``triton``: the fused kernels keep S and AS (2·nc) as docs/math.md prescribes, and write
+      dL, dX.
 
     Leaf gradients (x.grad: nf, s.grad: nc) count in the bwd and full peaks.
     """
     _check_mode(mode)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in PROFILE_BACKENDS:
+        raise ValueError(f"backend must be one of {PROFILE_BACKENDS}, got {backend!r}")
     B, N, C, F = shape.batch, shape.nodes, shape.clusters, shape.features
     ce = shape.compute_e if backend in ("torch", "triton") else shape.e
     n2 = B * N * N * ce
@@ -326,11 +327,11 @@ def memory_model(backend: str, shape: Shape, mode: str) -> MemoryEstimate:
         convert = 0
         if shape.adj_dtype != shape.compute_dtype:
             per_graph = N * N * ce
-            convert = min(B, max(1, _TORCH_CONVERT_CHUNK // per_graph)) * per_graph
+            convert = min(B, max(1, CONVERT_CHUNK_BYTES // per_graph)) * per_graph
         norm_tmp = 0
         if shape.adj_dtype == "uint8":
             per_graph = N * N * 8
-            norm_tmp = 2 * min(B, max(1, _TORCH_CONVERT_CHUNK // per_graph)) * per_graph
+            norm_tmp = 2 * min(B, max(1, CONVERT_CHUNK_BYTES // per_graph)) * per_graph
         saved = {"softmax(s)": nc, "S": nc if shape.masked else 0, "AS": nc, "outputs": small}
         saved_total = sum(saved.values())
         fwd_peak = saved_total + max(2 * nc, convert, norm_tmp)

@@ -1,4 +1,4 @@
-"""``diffpool-fast compile-check``: compile every Triton kernel ahead of time, without a GPU.
+"""Compile every Triton kernel ahead of time, without a GPU.
 
 Each kernel is compiled with ``triton.compile`` for every block configuration its launch helper
 can pick (the helpers' tables), crossed with the dtype and flag specialisations that change its
@@ -17,6 +17,9 @@ import subprocess
 import sys
 import tempfile
 from typing import Dict, List, NamedTuple, Optional
+
+from ..config import triton_importable, triton_interpreting
+from ..errors import UsageError
 
 #: Maximum shared memory per thread block (CUDA C Programming Guide, compute capability table):
 #: 163 KB on 8.0 (A100), 227 KB on 9.0 (H100).
@@ -37,7 +40,7 @@ class Variant(NamedTuple):
 
 
 def _row_variants(full: bool) -> List[Variant]:
-    from .kernels.assignment import row_configs
+    from ..kernels.assignment import row_configs
 
     out = []
     for c_pad, cfg, bcfg in row_configs():
@@ -79,7 +82,7 @@ def _row_variants(full: bool) -> List[Variant]:
 
 
 def _gram_variants(full: bool) -> List[Variant]:
-    from .kernels.gram import GRAM_DOT_PRECISION, gram_configs
+    from ..kernels.gram import GRAM_DOT_PRECISION, gram_configs
 
     out = []
     for cfg in gram_configs():
@@ -98,7 +101,7 @@ def _gram_variants(full: bool) -> List[Variant]:
 
 
 def _adjacency_variants(full: bool) -> List[Variant]:
-    from .kernels.adjacency import (
+    from ..kernels.adjacency import (
         ADJ_DOT_PRECISION, adjacency_configs, adjacency_grad_configs,
     )
 
@@ -176,7 +179,7 @@ def representative_variants() -> List[Variant]:
 
 
 def _kernel_fn(name: str):
-    from .kernels import adjacency, assignment, gram
+    from ..kernels import adjacency, assignment, gram
 
     for mod in (assignment, gram, adjacency):
         if hasattr(mod, name):
@@ -229,7 +232,7 @@ def compile_variant(v: Variant, arch: int) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernels import register_cap
+    from ..kernels import register_cap
 
     try:
         fn = _kernel_fn(v.kernel)
@@ -305,47 +308,21 @@ def format_table(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "compile-check",
-        help="compile every Triton kernel configuration for sm_80 and sm_90 (no GPU needed)",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-    )
-    p.add_argument("--quick", action="store_true",
-                   help="fp32 (and uint8 adjacency) specialisations only: every block "
-                        "configuration, fewer dtypes")
-    p.add_argument("--representative", action="store_true",
-                   help="per kernel: smallest, C_PAD=128 and largest configuration, fp32 (what "
-                        "CI runs)")
-    p.add_argument("--kernel", action="append", default=None, metavar="NAME",
-                   help="only kernels whose name contains NAME (repeatable)")
-    p.add_argument("--target", type=int, action="append", choices=TARGETS, default=None,
-                   help="compute capability to compile for (repeatable; default 80 and 90)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="parallel compiles (default: CPU count)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
-    from .cli import CLIError
-
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise CLIError("TRITON_INTERPRET is set: the interpreter replaces the kernels that "
+    if triton_interpreting():
+        raise UsageError("TRITON_INTERPRET is set: the interpreter replaces the kernels that "
                        "compile-check compiles; run it with TRITON_INTERPRET unset")
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        raise CLIError(f"compile-check needs triton: {err}")
+    if not triton_importable():
+        raise UsageError("compile-check needs triton: pip install 'diffpool_fast[triton]'")
     if args.jobs < 1:
-        raise CLIError(f"--jobs must be at least 1, got {args.jobs}")
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     if args.quick and args.representative:
-        raise CLIError("--quick and --representative are exclusive")
+        raise UsageError("--quick and --representative are exclusive")
     variants = representative_variants() if args.representative else all_variants(not args.quick)
     if args.kernel:
         variants = [v for v in variants if any(k in v.kernel for k in args.kernel)]
         if not variants:
-            raise CLIError(f"no kernel matches --kernel {args.kernel}")
+            raise UsageError(f"no kernel matches --kernel {args.kernel}")
     results = run_check(variants, tuple(args.target or TARGETS), args.jobs,
                         progress=not args.no_progress)
     print(format_table(results))

@@ -1,8 +1,12 @@
 """``diffpool-fast``: the command-line entry point.
 
-Each subcommand lives in its own module, which exposes ``register(subparsers)``; the module adds
-its parser and sets ``func`` (called with the parsed arguments, returning an exit code). Modules
-import their heavy dependencies inside ``func`` so that ``diffpool-fast --help`` stays fast.
+The CLI is argparse only. Each subcommand has a module here exposing ``register(subparsers)``:
+it adds its parser and sets ``func``, which calls the library (``diffpool_fast.train``,
+``diffpool_fast.profiling``) with the parsed arguments and returns an exit code. The library is
+imported inside ``func``, so that ``diffpool-fast --help`` stays fast.
+
+Errors: the library raises :class:`diffpool_fast.errors.UsageError` (bad options, unreadable
+files, datasets that cannot be loaded); here it becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -11,17 +15,15 @@ import importlib
 import sys
 from typing import List, Optional
 
+from ..errors import UsageError
+
 # (module, purpose) in the order they appear in --help.
 SUBCOMMAND_MODULES = (
-    "diffpool_fast.train",  # train: DiffPool graph classification on TU datasets / synthetic
-    "diffpool_fast.profile",  # profile: memory and throughput of dense coarsening
-    "diffpool_fast.compile_check",  # compile-check: ahead-of-time Triton compile for sm_80/sm_90
-    "diffpool_fast.select",  # select: per-fold choice between finished runs by validation accuracy
+    "diffpool_fast.cli.train",  # train: DiffPool graph classification on TU datasets / synthetic
+    "diffpool_fast.cli.profile",  # profile: memory and throughput of dense coarsening
+    "diffpool_fast.cli.compile_check",  # compile-check: ahead-of-time Triton compile, sm_80/sm_90
+    "diffpool_fast.cli.select",  # select: per-fold choice between finished runs by validation
 )
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except CLIError as err:
+    except UsageError as err:
         print(f"diffpool-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""``diffpool-fast select``: choose between configurations per fold by validation accuracy only.
+"""Model selection: choose between configurations per fold by validation accuracy only.
 
 Given several finished ``diffpool-fast train`` runs made on the same folds (same dataset, seed,
 number of folds, validation fraction and node filter), it picks, in every fold independently,
@@ -17,50 +17,48 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from ..errors import UsageError
+
 #: Configuration keys that must agree for the runs to share their folds.
 SPLIT_KEYS = ("dataset", "seed", "folds", "val_fraction", "max_nodes")
 
 
 def _load(run: str) -> Dict:
-    from .cli import CLIError
-
     path = Path(run)
     if path.is_dir():
         path = path / "results.json"
     if not path.is_file():
-        raise CLIError(f"run {run!r}: no results.json (is it a finished `diffpool-fast train` --out folder?)")
+        raise UsageError(f"run {run!r}: no results.json (is it a finished `diffpool-fast train` --out folder?)")
     try:
         res = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise CLIError(f"run {run!r}: {path} is not valid JSON ({err})") from None
+        raise UsageError(f"run {run!r}: {path} is not valid JSON ({err})") from None
     if "folds" not in res or "config" not in res:
-        raise CLIError(f"run {run!r}: {path} has no per-fold results")
+        raise UsageError(f"run {run!r}: {path} has no per-fold results")
     res["_path"] = str(path)
     return res
 
 
 def select(runs: Sequence[Dict]) -> Dict:
     """Per-fold selection by validation accuracy over ``runs`` (loaded results.json dicts)."""
-    from .cli import CLIError
-
     if len(runs) < 2:
-        raise CLIError(f"select needs at least two runs, got {len(runs)}")
+        raise UsageError(f"select needs at least two runs, got {len(runs)}")
     base = runs[0]
     for r in runs[1:]:
         for key in SPLIT_KEYS:
             if r["config"].get(key) != base["config"].get(key):
-                raise CLIError(
+                raise UsageError(
                     f"runs do not share their folds: {key} is {base['config'].get(key)!r} in {base['_path']} "
                     f"but {r['config'].get(key)!r} in {r['_path']}")
         if len(r["folds"]) != len(base["folds"]):
-            raise CLIError(f"runs have different numbers of finished folds: {len(base['folds'])} in "
+            raise UsageError(f"runs have different numbers of finished folds: {len(base['folds'])} in "
                            f"{base['_path']}, {len(r['folds'])} in {r['_path']}")
     rows: List[Dict] = []
     for i in range(len(base["folds"])):
         folds = [r["folds"][i] for r in runs]
         sizes = {(f["n_train"], f["n_val"], f["n_test"]) for f in folds}
         if len(sizes) != 1:
-            raise CLIError(f"fold {i + 1}: the runs' train/val/test sizes differ {sorted(sizes)}: not the same folds")
+            raise UsageError(f"fold {i + 1}: the runs' train/val/test sizes differ {sorted(sizes)}: not the same folds")
         best = min(range(len(runs)), key=lambda j: (-folds[j]["best_val_acc"], folds[j]["best_val_loss"], j))
         rows.append({"fold": i + 1, "picked": best, "test_acc": folds[best]["test_acc"],
                      "val_acc": [f["best_val_acc"] for f in folds], "val_loss": [f["best_val_loss"] for f in folds],
@@ -106,12 +104,3 @@ def run(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(sel, indent=1) + "\n")
     return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("select", help="pick between finished train runs per fold by validation accuracy",
-                       description=__doc__.split("\n\n", 1)[1] if __doc__ else None)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="train --out folders (or their results.json)")
-    p.add_argument("--out", default=None, help="also write the table as markdown to this file")
-    p.add_argument("--json", default=None, help="write the selection (per fold, candidates) as JSON")
-    p.set_defaults(func=run)

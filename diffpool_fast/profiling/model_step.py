@@ -3,9 +3,9 @@
 Times forward + backward + optimizer step of a two-level DiffPool graph classifier on a batch
 of generated graphs whose sizes are uniform in [--min-nodes, N] (padded to N), for
 
-- ``torch`` / ``triton``: our ``diffpool_fast.model.DiffPoolClassifier`` with that coarsening
+- ``torch`` / ``triton``: our ``diffpool_fast.nn.model.DiffPoolClassifier`` with that coarsening
   backend, fed the byte (bool) adjacency a dense loader produces;
-- ``pyg``: the same architecture from PyG's modules (``diffpool_fast.baselines.PyGDiffPoolNet``,
+- ``pyg``: the same architecture from PyG's modules (``diffpool_fast.nn.baselines.PyGDiffPoolNet``,
   PyG's DiffPool example), fed a float adjacency converted inside the step (PyG's layers need
   one; the conversion is part of its cost);
 - ``compile``: ``torch.compile`` of that PyG network.
@@ -14,6 +14,9 @@ Both objectives are cross-entropy + link loss + entropy loss, Adam. Reports grap
 (batch / median step time, backends interleaved repeat by repeat) and the peak memory of a step
 beyond the model, optimizer state and batch (CUDA allocator on GPU; on CPU the RSS high-water
 mark of a fresh process per backend and size).
+
+It shares the coarsening profile's harness (timer, backend availability), memory measurement,
+table formatting, option parsing and provenance; ``run`` hands ``--model`` here.
 """
 from __future__ import annotations
 
@@ -22,12 +25,18 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
-from . import profile as prof
+from ..config import BACKEND_ENV
+from ..errors import UsageError
+from .harness import BACKEND_LABELS, Timer, first_line, triton_unavailable
+from .memory import cpu_peak_supported, measure_cpu_peak, run_worker
+from .options import (check_density, choice_list, int_list, require_at_least, resolve_device,
+                      set_threads)
+from .provenance import command_line, device_name, versions
+from .report import mib, short
 
 MODEL_BACKENDS = ("torch", "triton", "pyg", "compile")
 
@@ -80,14 +89,14 @@ def make_model_backend(name: str, ms: ModelShape, device: str) -> ModelBackend:
     import torch.nn.functional as F
 
     if name in ("torch", "triton"):
-        reason = prof.triton_unavailable(device) if name == "triton" else None
+        reason = triton_unavailable(device) if name == "triton" else None
         if reason:
             return ModelBackend(name, reason=reason)
         try:
-            from .model import DiffPoolClassifier
+            from ..nn.model import DiffPoolClassifier
         except ImportError as err:
-            return ModelBackend(name, reason="diffpool_fast.model is not in this build "
-                                             f"({prof._first_line(err)})")
+            return ModelBackend(name, reason="diffpool_fast.nn.model is not in this build "
+                                             f"({first_line(err)})")
 
         def build():
             torch.manual_seed(0)
@@ -107,10 +116,10 @@ def make_model_backend(name: str, ms: ModelShape, device: str) -> ModelBackend:
         try:
             import torch_geometric.nn  # noqa: F401
 
-            from .baselines import PyGDiffPoolNet
+            from ..nn.baselines import PyGDiffPoolNet
         except ImportError as err:
-            return ModelBackend(name, reason=f"needs torch_geometric and diffpool_fast.baselines "
-                                             f"({prof._first_line(err)})")
+            return ModelBackend(name, reason=f"needs torch_geometric and diffpool_fast.nn.baselines "
+                                             f"({first_line(err)})")
 
         def build():
             torch.manual_seed(0)
@@ -151,7 +160,8 @@ class Trainer:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def _model_memory_worker_main() -> None:
+def memory_worker_main() -> None:
+    """Entry of the model's memory subprocess: JSON job in argv[1], JSON result on stdout."""
     job = json.loads(sys.argv[1])
     import torch
 
@@ -164,23 +174,14 @@ def _model_memory_worker_main() -> None:
     tr = Trainer(backend, ms, "cpu", job["seed"])
     tr.step()
     tr.step()  # Adam's state exists now: it is part of the baseline, not of the step
-    peak = prof.measure_cpu_peak(lambda: tr.step())
+    peak = measure_cpu_peak(lambda: tr.step())
     print(json.dumps({"peak": peak, "params": tr.params}))
 
 
 def _cpu_model_peak(name: str, ms: ModelShape, seed: int, threads: int) -> Dict[str, object]:
+    """``{"peak": bytes, "params": count}`` of one backend's step, measured in a fresh process."""
     job = {"backend": name, "shape": asdict(ms), "seed": seed, "threads": threads}
-    env = dict(os.environ, **prof._MALLOC_ENV)
-    env.pop("TRITON_INTERPRET", None)
-    p = subprocess.run(
-        [sys.executable, "-c",
-         "from diffpool_fast.profile_model import _model_memory_worker_main as m; m()",
-         json.dumps(job)], capture_output=True, text=True, env=env)
-    lines = p.stdout.strip().splitlines()
-    if p.returncode != 0 or not lines:
-        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"memory worker exited with {p.returncode}: {tail[:300]}"}
-    return json.loads(lines[-1])
+    return run_worker("diffpool_fast.profiling.model_step", "memory_worker_main", job)
 
 
 def _cuda_model_peak(tr: Trainer) -> int:
@@ -204,48 +205,44 @@ MODEL_COLUMNS = ["backend", "graphs", "max_nodes", "min_nodes", "features", "hid
 
 
 def run_model(args) -> int:
+    """``diffpool-fast profile --model``: writes model_profile.csv/.md and model_vs_nodes.png
+    to ``--out``; returns 0 (bad options raise UsageError)."""
     import torch
     from tqdm import tqdm
 
-    from . import dispatch
-
-    for name in ("batch", "features", "repeats", "classes", "hidden"):
-        if getattr(args, name) < 1:
-            raise prof._cli_error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    require_at_least(args, ("batch", "features", "repeats", "classes", "hidden"), 1)
     if args.warmup < 0:
-        raise prof._cli_error(f"--warmup must be at least 0, got {args.warmup}")
-    if not 0 <= args.density <= 1:
-        raise prof._cli_error(f"--density must be in [0, 1], got {args.density}")
-    prof.set_threads(args)
-    nodes = prof._int_list(args.nodes, "--nodes")
+        raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
+    check_density(args.density)
+    set_threads(args)
+    nodes = int_list(args.nodes, "--nodes")
     graphs = args.graphs if args.graphs is not None else args.batch
     if graphs < 1:
-        raise prof._cli_error(f"--graphs must be at least 1, got {graphs}")
-    backends = prof._choice_list(args.backend, "backend", MODEL_BACKENDS, all_=True)
+        raise UsageError(f"--graphs must be at least 1, got {graphs}")
+    backends = choice_list(args.backend, "backend", MODEL_BACKENDS, all_=True)
     shapes = []
     for n in nodes:
         lo = args.min_nodes if args.min_nodes is not None else max(1, n // 2)
         if not 1 <= lo <= n:
-            raise prof._cli_error(f"--min-nodes {lo} must be between 1 and --nodes {n}")
+            raise UsageError(f"--min-nodes {lo} must be between 1 and --nodes {n}")
         shapes.append(ModelShape(graphs, n, lo, args.features, args.classes, args.hidden,
                                  args.density))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise prof._cli_error("--device cuda: CUDA is not available on this machine (use --device cpu)")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    os.environ.pop(dispatch.BACKEND_ENV, None)
+    device = resolve_device(args.device)
+    # each backend is chosen explicitly here: a program-wide override would blur the comparison
+    os.environ.pop(BACKEND_ENV, None)
     out = args.out or os.path.join("runs", "profile-model")
     os.makedirs(out, exist_ok=True)
 
-    vers = prof.versions()
-    dev_name = prof.device_name(device)
+    vers = versions()
+    dev_name = device_name(device)
     threads = torch.get_num_threads()
     meta = {"device": dev_name, "threads": threads, "python": vers["python"],
             "torch": vers["torch"], "triton": vers["triton"],
-            "torch_geometric": vers["torch_geometric"], "command": prof.command_line(args)}
+            "torch_geometric": vers["torch_geometric"], "command": command_line(args)}
     print(f"device: {dev_name}; a training step (forward, backward, Adam) per backend, "
           f"interleaved, median of {args.repeats} after {args.warmup} warm-up")
 
-    mem_reason = prof.cpu_peak_supported() if device == "cpu" else None
+    mem_reason = cpu_peak_supported() if device == "cpu" else None
     records: List[Dict[str, object]] = []
     f = open(os.path.join(out, "model_profile.csv"), "w", newline="")
     writer = csv.DictWriter(f, fieldnames=MODEL_COLUMNS)
@@ -320,12 +317,12 @@ def _profile_model_shape(ms, backends, device, args, threads, mem_reason, bar):
             if device == "cuda":
                 row.update(peak_bytes=_cuda_model_peak(live[name]), peak_method="cuda-allocator")
         except Exception as err:
-            row.update(status="error", reason=prof._first_line(err))
+            row.update(status="error", reason=first_line(err))
             live.pop(name, None)
             bar.update(args.warmup + args.repeats)
         bar.update(1)
 
-    timer = prof.Timer(device)
+    timer = Timer(device)
     times: Dict[str, List[float]] = {n: [] for n in live}
     order = list(live)
     for r in range(args.warmup + args.repeats):
@@ -336,7 +333,7 @@ def _profile_model_shape(ms, backends, device, args, threads, mem_reason, bar):
             try:
                 t = timer.time(lambda _: live[name].step())
             except Exception as err:
-                rows[name].update(status="error", reason=prof._first_line(err))
+                rows[name].update(status="error", reason=first_line(err))
                 bar.update(1)
                 continue
             if r >= args.warmup:
@@ -359,16 +356,16 @@ def _model_table(records) -> str:
     head = ["backend", "graphs", "nodes", "step ms", "graphs/s", "x PyG", "peak MiB", "mem/PyG"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
-        label = prof.BACKEND_LABELS.get(r["backend"], r["backend"])
+        label = BACKEND_LABELS.get(r["backend"], r["backend"])
         if r["status"] != "ok":
             lines.append(f"| {label} | {r['graphs']} | {r['min_nodes']}..{r['max_nodes']} | "
                          f"{r['status']}: {r['reason']} | | | | |")
             continue
         lines.append(
             f"| {label} | {r['graphs']} | {r['min_nodes']}..{r['max_nodes']} | "
-            f"{prof._short(r['step_ms'])} | {prof._short(r['graphs_per_s'])} | "
-            f"{prof._short(r['speedup_vs_pyg'])} | {prof._mib(r['peak_bytes'])} | "
-            f"{prof._short(r['peak_vs_pyg'])} |")
+            f"{short(r['step_ms'])} | {short(r['graphs_per_s'])} | "
+            f"{short(r['speedup_vs_pyg'])} | {mib(r['peak_bytes'])} | "
+            f"{short(r['peak_vs_pyg'])} |")
     return "\n".join(lines)
 
 
@@ -386,7 +383,7 @@ def _model_plot(records, out, dev_name) -> None:
                      if r["backend"] == name and r["status"] == "ok")
         if not pts:
             continue
-        label = prof.BACKEND_LABELS.get(name, name)
+        label = BACKEND_LABELS.get(name, name)
         axes[0].plot([n for n, _ in pts], [float(r["graphs_per_s"]) for _, r in pts], "o-",
                      label=label)
         mem = [(n, int(r["peak_bytes"]) / 2**20) for n, r in pts if r["peak_bytes"] not in ("", None)]

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-EPS = 1e-15
+from ..config import EPS
 
 
 def assignment(s: Tensor, mask: Optional[Tensor]) -> Tensor:

@@ -3,7 +3,7 @@
 At the sizes DiffPool trains on (tens to a few hundred nodes per graph, 64 channels) a training
 step is hundreds of small tensor operations; the matrix products are a small part of the time
 and the rest goes to the many elementwise passes and autograd's bookkeeping around them.
-:class:`SageBlocksFunction` computes what :class:`diffpool_fast.model.DenseGNN` computes for
+:class:`SageBlocksFunction` computes what :class:`diffpool_fast.nn.model.DenseGNN` computes for
 ``gnn="sage"`` in training mode, layer by layer ``ReLU(SAGE(h))`` then batch norm over the real
 nodes (or no norm), with the layer outputs concatenated (jumping knowledge), for G blocks at once
 that read the same input graph: a DiffPool level's embedding and assignment GNNs. The G blocks'
@@ -20,15 +20,14 @@ Per layer, with m the node mask (1 = real node), deg = A's row sums, q = 1 / max
 
 except that layer 0, when x has fewer features than the layer's output (node labels), takes A's
 product first, pre = x W_root^T + b + (q * A x) W_rel^T: the same value, with the products with
-A (and A^T in the backward pass) over x's width (one level's forward and backward at B=20,
-N=620: 141 -> 125 ms, bench/level_step.md).
+A (and A^T in the backward pass) over x's width (measured in bench/notes/level_step.md).
 
 with mean and rstd = 1 / sqrt(var + eps) over the n real rows of r (two passes: mean, then
 centred squares; ATen's batch norm when there is no mask). The backward pass is the chain rule
 through these lines: batch norm's gradient, ReLU's through ``r > 0`` (also 0 on padded rows), and
 the gradients of A (``dagg rel^T`` plus the degree term, as A's row sums are differentiated in
 PyG's layer) only when A requires one. Checked against the module path in float64
-(tests/test_fused.py).
+(tests/test_sage_blocks.py).
 """
 from __future__ import annotations
 
@@ -37,8 +36,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .coarsen_torch import adjacency_matmul
-from .sparse import BlockSparseAdj
+from ..ops.coarsen_torch import adjacency_matmul
+from ..ops.block_sparse import BlockSparseAdj
 
 __all__ = ["SageBlocksFunction", "sage_blocks"]
 

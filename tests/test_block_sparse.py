@@ -1,4 +1,4 @@
-"""Level 0 on a block-diagonal CSR adjacency (diffpool_fast.sparse) against the dense path, in
+"""Level 0 on a block-diagonal CSR adjacency (diffpool_fast.ops.block_sparse) against the dense path, in
 float64: the fused SAGE blocks, the torch coarsening and the whole classifier (loss, every
 parameter gradient, batch-norm running statistics)."""
 import copy
@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from diffpool_fast.coarsen_torch import coarsen_torch
-from diffpool_fast.model import DenseGNN, DiffPoolClassifier
-from diffpool_fast.sparse import BlockSparseAdj, worth_it
+from diffpool_fast.ops.coarsen_torch import coarsen_torch
+from diffpool_fast.nn.model import DenseGNN, DiffPoolClassifier
+from diffpool_fast.ops.block_sparse import BlockSparseAdj, worth_it
 
 
 def _graphs(B, N, seed, symmetric, byte=False, full_pad=True):
@@ -61,7 +61,7 @@ def test_coarsen_with_sparse_adjacency(symmetric):
 @pytest.mark.parametrize("F", [4, 23])  # layer 0 aggregate-first and product-after
 @pytest.mark.parametrize("norm", [True, "none"])
 def test_fused_block_with_sparse_adjacency(F, norm, monkeypatch):
-    from diffpool_fast.fused import sage_blocks
+    from diffpool_fast.nn.sage_blocks import sage_blocks
 
     B, N = 5, 12
     adj, mask = _graphs(B, N, 2, symmetric=False)
@@ -115,7 +115,7 @@ def test_classifier_sparse_level0_matches_dense(norm, symmetric, byte, monkeypat
 
 
 def test_classifier_uses_sparse_only_where_asked(monkeypatch):
-    import diffpool_fast.model as model_mod
+    import diffpool_fast.nn.model as model_mod
 
     built = []
     orig = model_mod.BlockSparseAdj
@@ -139,7 +139,7 @@ def test_classifier_uses_sparse_only_where_asked(monkeypatch):
 
 
 def test_worth_it_auto_rule(monkeypatch):
-    from diffpool_fast import sparse
+    from diffpool_fast.ops import block_sparse as sparse
 
     monkeypatch.setenv("DIFFPOOL_FAST_SPARSE", "auto")
     big = torch.zeros(2, sparse.MIN_NODES, sparse.MIN_NODES, dtype=torch.bool)

@@ -1,11 +1,11 @@
-"""The fused SAGE block (diffpool_fast.fused) against the layer modules it replaces, in float64:
+"""The fused SAGE block (diffpool_fast.nn.sage_blocks) against the layer modules it replaces, in float64:
 outputs, every gradient (x, adj, weights, biases, batch-norm affine), running statistics."""
 import copy
 
 import pytest
 import torch
 
-from diffpool_fast.model import DenseGNN, DiffPoolClassifier
+from diffpool_fast.nn.model import DenseGNN, DiffPoolClassifier
 
 
 def _inputs(B, N, F, seed, masked, adj_grad, full_pad=True):
@@ -138,7 +138,7 @@ def test_classifier_fusion_on_cuda(norm, monkeypatch):
 
 
 def test_levels_run_their_two_gnns_as_one_node(monkeypatch):
-    import diffpool_fast.fused as fused
+    import diffpool_fast.nn.sage_blocks as fused
 
     groups = []
     orig = fused.SageBlocksFunction.apply

@@ -27,12 +27,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .dispatch import triton_interpreting
-
-#: clusters one program of the row passes and the adjacency pass can hold (C padded to 512)
-MAX_CLUSTERS = 512
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ADJ_DTYPES = FLOAT_DTYPES + (torch.bool, torch.uint8)
+from ..config import MAX_CLUSTERS, TRITON_ADJ_DTYPES, TRITON_FLOAT_DTYPES, triton_importable, triton_interpreting
 
 # sym_known values of the op
 _SYM_UNKNOWN, _SYM_NO, _SYM_YES = -1, 0, 1
@@ -65,7 +60,7 @@ def forced_blocks(**blocks: int) -> Iterator[None]:
 
 
 def _gram(S: Tensor, Y: Tensor) -> Tensor:
-    from .kernels.gram import gram_fwd
+    from ..kernels.gram import gram_fwd
 
     f = _forced
     return gram_fwd(S, Y, f.get("gram_c"), f.get("gram_k"), f.get("gram_n"))
@@ -73,17 +68,15 @@ def _gram(S: Tensor, Y: Tensor) -> Tensor:
 
 def unsupported_reason(x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor]) -> Optional[str]:
     """None when the Triton kernels take these (batched, checked) inputs, else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not triton_importable():
         return "triton is not installed"
     if x.device.type != "cuda" and not (x.device.type == "cpu" and triton_interpreting()):
         return f"tensors on {x.device}: the Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in TRITON_FLOAT_DTYPES:
         return f"x has dtype {x.dtype}; the Triton kernels take float32, bfloat16 or float16"
-    if s.dtype not in FLOAT_DTYPES:
+    if s.dtype not in TRITON_FLOAT_DTYPES:
         return f"s has dtype {s.dtype}; the Triton kernels take float32, bfloat16 or float16"
-    if adj.dtype not in ADJ_DTYPES:
+    if adj.dtype not in TRITON_ADJ_DTYPES:
         return f"adj has dtype {adj.dtype}; the Triton kernels take float32/16, bfloat16, bool, uint8"
     B, N, C = s.shape
     if C > MAX_CLUSTERS:
@@ -107,8 +100,8 @@ def _coarsen_op(
     x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor], check_sym: bool, sym_known: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, out_adj, q_raw, ent_sum, S, AS, StS, asym); q_raw is link_sq before the clamp."""
-    from .kernels.adjacency import adjacency_fwd
-    from .kernels.assignment import assignment_fwd
+    from ..kernels.adjacency import adjacency_fwd
+    from ..kernels.assignment import assignment_fwd
 
     f = _forced
     do_check, asym_known = _pick_sym(check_sym, sym_known, x.shape[0], x.device)
@@ -151,8 +144,8 @@ def _coarsen_backward_op(
     s_dtype: torch.dtype, need_dx: bool, need_ds: bool, need_dadj: bool,
 ) -> List[Tensor]:
     """[dx, ds, dadj]; an input whose gradient is not needed gets an empty tensor."""
-    from .kernels.adjacency import adjacency_bwd, adjacency_transpose_fwd
-    from .kernels.assignment import assignment_bwd
+    from ..kernels.adjacency import adjacency_bwd, adjacency_transpose_fwd
+    from ..kernels.assignment import assignment_bwd
 
     B, N, C = S.shape
     mask = mask.contiguous() if mask is not None else None

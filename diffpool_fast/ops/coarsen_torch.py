@@ -20,13 +20,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .sparse import BlockSparseAdj
-
-EPS = 1e-15
-
-# Bytes of converted adjacency materialised at once when adj is not already in the compute
-# dtype (bool/uint8/half adjacency): chunks of graphs keep the copy small.
-_CONVERT_CHUNK_BYTES = 64 << 20
+from ..config import CONVERT_CHUNK_BYTES, EPS
+from .block_sparse import BlockSparseAdj
 
 
 def compute_dtype(x: Tensor, s: Tensor) -> torch.dtype:
@@ -36,14 +31,14 @@ def compute_dtype(x: Tensor, s: Tensor) -> torch.dtype:
 
 
 def _graph_chunk(N: int, itemsize: int) -> int:
-    return max(1, _CONVERT_CHUNK_BYTES // max(1, N * N * itemsize))
+    return max(1, CONVERT_CHUNK_BYTES // max(1, N * N * itemsize))
 
 
 def adjacency_matmul(adj: Tensor, W: Tensor, transpose: bool = False) -> Tensor:
     """A W (or A^T W), [B, N, K], without a converted copy of A.
 
     An adjacency stored in another dtype than W (bool, uint8, fp16, bf16) is converted a few
-    graphs at a time. ``adj`` may be a :class:`diffpool_fast.sparse.BlockSparseAdj`.
+    graphs at a time. ``adj`` may be a :class:`diffpool_fast.ops.block_sparse.BlockSparseAdj`.
     """
     if isinstance(adj, BlockSparseAdj):
         return adj.tmm(W) if transpose else adj.mm(W)
@@ -83,7 +78,7 @@ def adjacency_sq_norm(adj: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-class CoarsenTorch(torch.autograd.Function):
+class CoarsenTorchFunction(torch.autograd.Function):
     """(x, adj, s, mask) -> (out, out_adj, link_sq, ent_sum); see ``coarsen_torch``."""
 
     @staticmethod
@@ -170,4 +165,4 @@ def coarsen_torch(
     backward then uses A^T S = A S and makes no pass over A. None (unknown) or False makes the
     one A^T product; on the CPU an exact symmetry check costs more than that product.
     """
-    return CoarsenTorch.apply(x, adj, s, mask, bool(adj_symmetric))
+    return CoarsenTorchFunction.apply(x, adj, s, mask, bool(adj_symmetric))

@@ -12,27 +12,15 @@ for a whole program.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 from typing import Optional, Tuple
 
 from torch import Tensor
 
+from ..config import BACKEND_ENV, POOL_BACKENDS, backend_override, triton_importable, triton_interpreting
 from .coarsen_torch import coarsen_torch
 
-BACKENDS = ("auto", "torch", "triton")
-BACKEND_ENV = "DIFFPOOL_FAST_BACKEND"
-
 _warned: set = set()
-
-
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -43,16 +31,15 @@ def _warn_once(key: str, message: str) -> None:
 
 def resolve_backend(backend: str, device) -> str:
     """Return "torch" or "triton" for a requested backend and the tensors' device."""
-    forced = os.environ.get(BACKEND_ENV)
+    forced = backend_override()
     if forced:
-        forced = forced.strip().lower()
-        if forced not in BACKENDS:
+        if forced not in POOL_BACKENDS:
             raise ValueError(
-                f"environment variable {BACKEND_ENV}={forced!r} is not one of {BACKENDS}"
+                f"environment variable {BACKEND_ENV}={forced!r} is not one of {POOL_BACKENDS}"
             )
         backend = forced
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in POOL_BACKENDS:
+        raise ValueError(f"backend must be one of {POOL_BACKENDS}, got {backend!r}")
     is_cuda = getattr(device, "type", str(device)) == "cuda"
     if backend == "auto":
         return "triton" if is_cuda and triton_importable() else "torch"
@@ -82,7 +69,7 @@ def coarsen(
     """Per-graph coarsening quantities ``(out, out_adj, link_sq, ent_sum)`` on the chosen backend.
 
     Inputs must already be checked and batched (``inputs.check_pool_inputs``). ``adj_op``: the
-    same adjacency as a :class:`diffpool_fast.sparse.BlockSparseAdj`, which the torch path then
+    same adjacency as a :class:`diffpool_fast.ops.block_sparse.BlockSparseAdj`, which the torch path then
     multiplies with (the Triton kernels read the dense ``adj``).
     """
     chosen = resolve_backend(backend, x.device)

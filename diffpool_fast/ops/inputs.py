@@ -11,8 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-#: adjacency dtypes besides floating point: a binary adjacency in one byte per entry.
-BYTE_ADJ_DTYPES = (torch.bool, torch.uint8)
+from ..config import BYTE_ADJ_DTYPES
 
 
 class PoolInputs(NamedTuple):

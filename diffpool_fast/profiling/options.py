@@ -1,0 +1,190 @@
+"""The options of ``diffpool-fast profile``: parsing their strings, checking them, ``Config``.
+
+The command line hands the option strings over unparsed (``--nodes 128,256``, ``--clusters
+0.25``, ``--max-batch 8GiB``): they are parsed here, so that a bad value is a
+:class:`~diffpool_fast.errors.UsageError` (one line, exit 2) and a Python caller gets the same
+checks as the command line.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from ..errors import UsageError
+from .costmodel import ADJ_DTYPES, FLOAT_DTYPES, MODES, PROFILE_BACKENDS, Shape
+from .provenance import command_line
+
+DTYPE_ALIASES = {
+    "fp32": "float32", "float": "float32", "f32": "float32",
+    "fp16": "float16", "half": "float16", "f16": "float16",
+    "bf16": "bfloat16",
+    "fp64": "float64", "double": "float64", "f64": "float64",
+    "byte": "uint8",
+}
+
+
+def int_list(text: str, name: str) -> List[int]:
+    """``"128,256"`` -> ``[128, 256]``; every value at least 1."""
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            v = int(part)
+        except ValueError:
+            raise UsageError(f"{name} must be integers separated by commas, got {text!r}") from None
+        if v < 1:
+            raise UsageError(f"{name} must be at least 1, got {v}")
+        values.append(v)
+    return values
+
+
+def choice_list(text: str, name: str, allowed: Sequence[str], all_: bool = False) -> List[str]:
+    """``"fwd,full"`` -> ``["fwd", "full"]`` in the order given, duplicates dropped; with
+    ``all_``, ``"all"`` stands for every allowed value."""
+    out: List[str] = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        if all_ and part == "all":
+            out.extend(a for a in allowed if a not in out)
+            continue
+        if part not in allowed:
+            extra = ", all" if all_ else ""
+            raise UsageError(f"unknown {name} {part!r}: choose from {', '.join(allowed)}{extra}")
+        if part not in out:
+            out.append(part)
+    return out
+
+
+def parse_dtype(text: str, name: str, allowed: Sequence[str]) -> str:
+    """A dtype name or alias (``fp16``, ``bf16``, ``byte``) -> its torch name."""
+    t = DTYPE_ALIASES.get(text.strip().lower(), text.strip().lower())
+    if t not in allowed:
+        raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {text!r}")
+    return t
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '500MB', '1.5e9', '1048576' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]?)(i?)B?\s*", str(text),
+                     flags=re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-batch must be a size such as 8GiB, 500MB or 1e9, got {text!r}")
+    value = float(m.group(1))
+    unit = m.group(2).upper()
+    base = 1024 if m.group(3) else 1000
+    value *= base ** "_KMGT".index(unit) if unit else 1
+    if value < 1:
+        raise UsageError(f"--max-batch must be positive, got {text!r}")
+    return int(value)
+
+
+def clusters_for(nodes: int, spec: str) -> int:
+    """A count ("128") or a ratio of nodes ("0.25") -> clusters for ``nodes``."""
+    text = str(spec).strip()
+    if re.fullmatch(r"[0-9]+", text):
+        count = int(text)
+    else:
+        try:
+            ratio = float(text)
+        except ValueError:
+            raise UsageError(f"--clusters must be a count or a ratio of nodes, got {text!r}") from None
+        if not 0 < ratio <= 1:
+            raise UsageError(f"--clusters as a ratio must be in (0, 1], got {text}")
+        count = max(1, round(ratio * nodes))
+    if count < 1:
+        raise UsageError(f"--clusters must be at least 1, got {count}")
+    if count > nodes:
+        raise UsageError(f"--clusters {count} is larger than --nodes {nodes}")
+    return count
+
+
+def require_at_least(args, names: Sequence[str], minimum: int) -> None:
+    """``--name`` must be at least ``minimum`` for each attribute name of ``args``."""
+    for name in names:
+        if getattr(args, name) < minimum:
+            raise UsageError(f"--{name} must be at least {minimum}, got {getattr(args, name)}")
+
+
+def check_density(density: float) -> None:
+    if not 0 <= density <= 1:
+        raise UsageError(f"--density must be in [0, 1], got {density}")
+
+
+def set_threads(args) -> None:
+    """``--threads``: torch's CPU threads in this process (the workers get the same count)."""
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> ``cuda`` when there is a GPU, else ``cpu``; ``cuda`` without one is an error."""
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+@dataclass
+class Config:
+    """A coarsening profile: every shape x mode x backend, and what else to measure."""
+
+    shapes: List[Shape]
+    modes: List[str]
+    backends: List[str]
+    device: str
+    repeats: int
+    warmup: int
+    density: float
+    seed: int
+    out: str
+    memory: bool
+    accuracy: bool
+    max_batch: Optional[int]
+    peak_bandwidth: Optional[float]
+    peak_tflops: Optional[float]
+    command: str
+
+
+def build_config(args) -> Config:
+    """The ``Config`` of parsed ``diffpool-fast profile`` arguments (strings still unparsed)."""
+    require_at_least(args, ("batch", "features", "repeats"), 1)
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
+    check_density(args.density)
+    set_threads(args)
+    nodes = int_list(args.nodes, "--nodes")
+    dtype = parse_dtype(args.dtype, "--dtype", FLOAT_DTYPES)
+    adj_dtype = dtype if args.adj_dtype.strip().lower() == "same" else parse_dtype(
+        args.adj_dtype, "--adj-dtype", ADJ_DTYPES)
+    modes = choice_list(args.mode, "mode", MODES)
+    backends = choice_list(args.backend, "backend", PROFILE_BACKENDS, all_=True)
+    shapes = [
+        Shape(args.batch, n, clusters_for(n, args.clusters), args.features, dtype, adj_dtype,
+              masked=not args.no_mask, promise_symmetric=args.adj_symmetric)
+        for n in nodes
+    ]
+    device = resolve_device(args.device)
+    for name in ("peak_bandwidth", "peak_tflops"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    out = args.out or os.path.join(
+        "runs", "profile-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return Config(
+        shapes=shapes, modes=modes, backends=backends, device=device, repeats=args.repeats,
+        warmup=args.warmup, density=args.density, seed=args.seed, out=out,
+        memory=not args.no_memory, accuracy=args.accuracy,
+        max_batch=parse_bytes(args.max_batch) if args.max_batch is not None else None,
+        peak_bandwidth=args.peak_bandwidth, peak_tflops=args.peak_tflops,
+        command=command_line(args),
+    )
