@@ -2,7 +2,8 @@
 # The GPU command: on a CUDA machine, run the test suite on CUDA, then benchmark forward,
 # backward and both for PyG eager, torch.compile of PyG, our torch path and our Triton path.
 #
-#   bash bench/gpu.sh [OUT_DIR]        (default: bench/results/<UTC time>-<GPU name>)
+#   bash bench/gpu.sh [OUT_DIR]        (default: bench/results/<UTC date>-<GPU name>-gpu, with
+#                                       -2, -3, ... appended if that folder is already in use)
 #   GPU_STEPS="tests bench" bash bench/gpu.sh OUT_DIR   (a subset of: tests bench model)
 #
 # The device tool allows 10 minutes per command: with the default (all three steps, at most
@@ -23,7 +24,8 @@ if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     echo "bench/gpu.sh: no CUDA device visible to torch; this command needs a GPU" >&2
     exit 2
 fi
-gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
+# The GPU's name as a folder-name part, e.g. "NVIDIA H100 80GB HBM3" -> nvidia-h100-80gb-hbm3.
+gpu=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))")
 # Install the package without touching the machine's torch/triton (no network there: no build
 # isolation, no dependencies).
 if ! $PY -c "import diffpool_fast.kernels" 2>/dev/null; then
@@ -32,7 +34,14 @@ if ! $PY -c "import diffpool_fast.kernels" 2>/dev/null; then
         exit 2
     }
 fi
-OUT_DIR=${1:-bench/results/$(date -u +%Y%m%dT%H%M%SZ)-$gpu}
+# bench/results/<date>-<device>-<name>/ (bench/README.md): the date the numbers are made.
+if [ $# -ge 1 ]; then
+    OUT_DIR=$1
+else
+    OUT_DIR=bench/results/$(date -u +%F)-$gpu-gpu
+    k=1; base=$OUT_DIR
+    while [ -n "$(ls -A "$OUT_DIR" 2>/dev/null)" ]; do k=$((k + 1)); OUT_DIR=$base-$k; done
+fi
 mkdir -p "$OUT_DIR"
 # The interpreter must be off: these runs are about the compiled kernels.
 unset TRITON_INTERPRET DIFFPOOL_FAST_BACKEND
@@ -86,5 +95,5 @@ if [[ " $STEPS " == *" model "* ]]; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench/gpu.sh: model profile FAILED (see $OUT_DIR/model.log)"; status=1; }
     echo "model profile took $(( $(date +%s) - start )) s"
 fi
-echo "results in $OUT_DIR (compare with bench/FLOOR.md)"
+echo "results in $OUT_DIR (compare with bench/notes/FLOOR.md)"
 exit $status

@@ -22,7 +22,8 @@ def main():
         accs = " ".join(f"{100 * f['test_acc']:.1f}" for f in r["folds"])
         norm = cfg.get("norm", "batch" if cfg.get("batch_norm", True) else "none")
         opts = (f"{cfg['gnn']}, levels {cfg['levels']}, ratio {cfg['ratio']}, clusters {r['model']['clusters']}, "
-                f"hidden {cfg['hidden']}, norm {norm}, bucket {cfg['bucket']}, readout {cfg['readout']}/{cfg['readout_levels']}, "
+                f"hidden {cfg['hidden']}, norm {norm}, bucket {cfg['bucket']}, "
+                f"readout {cfg['readout']}/{cfg['readout_levels']}, "
                 f"node attr {cfg['node_attr']}")
         target = TARGETS.get(name)
         mean = 100 * r["test_acc_mean"]
@@ -37,7 +38,8 @@ def main():
             f"{r['train_seconds_per_epoch_mean']:.2f} | {r['total_seconds'] / 60:.0f} | {accs} | {opts} |"
         )
     lines = [
-        "| run | test acc % (mean ± std over 10 folds) | target (met) | last-epoch test acc % | paper | epochs | train s/epoch | wall min | per-fold test acc % | model |",
+        "| run | test acc % (mean ± std over 10 folds) | target (met) | last-epoch test acc % | paper | epochs "
+        "| train s/epoch | wall min | per-fold test acc % | model |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
     ]
@@ -67,7 +69,8 @@ def main():
         met = "-" if target is None else ("yes" if mean >= target else "no")
         cands = ", ".join(f"{Path(c['path']).parent.name} ({k})" for c, k in zip(sel["candidates"], sel["picks"]))
         accs = " ".join(f"{100 * f['test_acc']:.1f}" for f in sel["folds"])
-        sel_rows.append(f"| {name} | {mean:.2f} ± {100 * sel['test_acc_std']:.2f} | {target or '-'} ({met}) | {cands} | {accs} |")
+        sel_rows.append(f"| {name} | {mean:.2f} ± {100 * sel['test_acc_std']:.2f} | {target or '-'} ({met}) | "
+                        f"{cands} | {accs} |")
     if sel_rows:
         lines += [
             "",

@@ -14,8 +14,10 @@ slots padding): the step time for several (B, N), on 1 and 2 threads.
 - ``--compile``: also ``torch.compile`` of forward + loss with the layer modules at B=20, N=45
   with static shapes (the C++ wrapper on), after compiling.
 
-Usage: python bench/step_overhead.py [--threads 1,2] [--steps 60] [--compile]
-Writes bench/step_overhead.md (command, machine, versions included).
+Usage: python bench/scripts/step_overhead.py [--threads 1,2] [--steps 60] [--compile]
+Writes bench/results/<UTC date>-<device>-step_overhead/step_overhead.md (command, machine,
+versions, date included; bench/README.md); the reading of the recorded run is
+bench/notes/step_overhead.md.
 """
 from __future__ import annotations
 
@@ -26,20 +28,20 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 SHAPES = [(1, 3), (20, 3), (10, 45), (20, 45), (40, 45)]
 
 
-from provenance import header  # noqa: E402  (bench/ is on sys.path)
+from provenance import header, results_dir  # noqa: E402  (bench/scripts/ is on sys.path)
 
 
 def _measure(threads: int, steps: int, compiled: bool) -> list:
     import torch
     import torch.nn.functional as F
 
-    from diffpool_fast.model import DenseGNN, DiffPoolClassifier
-    from diffpool_fast.train import _adam
+    from diffpool_fast.nn.model import DenseGNN, DiffPoolClassifier
+    from diffpool_fast.train.loop import _adam
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -72,9 +74,9 @@ def _measure(threads: int, steps: int, compiled: bool) -> list:
         mask[:, N - N // 5:] = False
         y = torch.randint(0, 2, (B,), generator=g)
 
-        def step():
+        def step():  # called within this iteration only
             opt.zero_grad()
-            fn(x, adj, mask, y).backward()
+            fn(x, adj, mask, y).backward()  # noqa: B023
             opt.step()
 
         t0 = time.perf_counter()
@@ -98,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(HERE / "step_overhead.md"))
+    ap.add_argument("--out", default=None, help="markdown file to write (default: a new folder in bench/results/)")
     args = ap.parse_args(argv)
     if args.worker:  # one configuration in a fresh process
         import json
@@ -135,7 +137,10 @@ def main(argv=None):
     if any(r["variant"] == "compiled-static" for r in rows):
         w = [r for r in rows if r["variant"] == "compiled-static"][0]["warmup_s"]
         lines += ["", f"compiled-static: the 10 warm-up steps (compiling included) took {w:.0f} s."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = Path(args.out) if args.out else results_dir("step_overhead") / "step_overhead.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
     print("\n".join(lines))
 
 

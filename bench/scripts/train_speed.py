@@ -18,7 +18,7 @@ sees a representative mix of batches. Throughput = graphs timed / seconds timed:
   pooling), batches padded to 150, loss = CE + link + entropy.
 - ``ours-bucketed``: the same, with size-bucketed batches (each pads to its own largest graph).
   Both ``ours-*`` train as ``diffpool-fast train`` does: fused SAGE blocks (one autograd node per
-  GNN block, ``diffpool_fast.fused``) and fused Adam (``diffpool_fast.train._adam``).
+  GNN block, ``diffpool_fast.nn.sage_blocks``) and fused Adam (``diffpool_fast.train.loop._adam``).
 - ``ours-bucketed-modules``: ``ours-bucketed`` with the layer modules (no fused blocks) and the
   default Adam, to show what the two fusions contribute.
 - ``ours-level0-3nodes``: ``ours-bucketed``'s batches (loaded the same way) cut to the first 3
@@ -27,13 +27,15 @@ sees a representative mix of batches. Throughput = graphs timed / seconds timed:
   ``ours-bucketed``. Its rate bounds what any speed-up of level 0 (bucketing, kernels) can give
   this architecture with the rest of the step as it is.
 
-Usage: python bench/train_speed.py [--data-root DIR] [--rounds 24] [--threads 2]
+Usage: python bench/scripts/train_speed.py [--data-root DIR] [--rounds 24] [--threads 2]
 on a quiet machine. OMP_WAIT_POLICY=PASSIVE helps only on a machine shared with other jobs (where
 spinning 2-thread OpenMP teams can collapse to a few graphs/s); on the quiet machine it made every
-provider 2.2-2.9x slower and moved the ratios (train_speed_passive.md vs train_speed.md, two runs
-on 2026-11-25: PyG's example 264 vs 584 graphs/s, ours-bucketed 1.59x vs 2.09x), so never compare
-runs with and without it.
-Writes bench/train_speed.csv and bench/train_speed.md (command, machine, versions included).
+provider 2.2-2.9x slower and moved the ratios (bench/notes/train_speed_passive.md vs
+bench/notes/train_speed.md, two runs on 2026-11-25: PyG's example 264 vs 584 graphs/s,
+ours-bucketed 1.59x vs 2.09x), so never compare runs with and without it.
+Writes bench/results/<UTC date>-<device>-train_speed/train_speed.csv and train_speed.md
+(command, machine, versions, date included; bench/README.md); ``--out STEM`` writes STEM.csv and
+STEM.md instead. The reading of the recorded run is bench/notes/train_speed.md.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = HERE.parent.parent
 
 
 def _default_root():
@@ -70,9 +72,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--max-nodes", type=int, default=150)
-    ap.add_argument("--providers", default="pyg-example,pyg-net-our-batches,ours-padded,ours-bucketed,ours-bucketed-modules,"
-                    "ours-level0-3nodes")
-    ap.add_argument("--out", default=str(HERE / "train_speed"))
+    ap.add_argument("--providers", default="pyg-example,pyg-net-our-batches,ours-padded,ours-bucketed,"
+                    "ours-bucketed-modules,ours-level0-3nodes")
+    ap.add_argument("--out", default=None,
+                    help="path stem: writes STEM.csv and STEM.md (default: a new folder in bench/results/)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -82,10 +85,10 @@ def main(argv=None):
     from torch_geometric.loader import DenseDataLoader
 
     from diffpool_fast import __version__
-    from diffpool_fast.baselines import PyGDiffPoolNet
     from diffpool_fast.data import DenseLoader, _link_raw, load_tu
-    from diffpool_fast.model import DenseGNN, DiffPoolClassifier
-    from diffpool_fast.train import _adam
+    from diffpool_fast.nn.baselines import PyGDiffPoolNet
+    from diffpool_fast.nn.model import DenseGNN, DiffPoolClassifier
+    from diffpool_fast.train.loop import _adam
 
     M, B = args.max_nodes, args.batch_size
     ds = load_tu("PROTEINS", args.data_root)
@@ -227,9 +230,12 @@ def main(argv=None):
 
     base = "pyg-example" if "pyg-example" in names else names[0]
     env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ)
-    command = env + "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:]))
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}, {platform.platform()}"
-    versions = f"torch {torch.__version__}, torch_geometric {torch_geometric.__version__}, diffpool_fast {__version__}, python {platform.python_version()}"
+    command = env + "python " + " ".join([os.path.relpath(__file__, REPO)]
+                                         + (argv if argv is not None else sys.argv[1:]))
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}, "
+               f"{platform.platform()}")
+    versions = (f"torch {torch.__version__}, torch_geometric {torch_geometric.__version__}, "
+                f"diffpool_fast {__version__}, python {platform.python_version()}")
     rows = []
     for p in names:
         total = sum(graphs[p]) / sum(seconds[p])
@@ -237,13 +243,21 @@ def main(argv=None):
                      "speedup_vs_" + base: total / (sum(graphs[base]) / sum(seconds[base])),
                      "round_rate_min": min(rate[p]), "round_rate_median": statistics.median(rate[p]),
                      "round_rate_max": max(rate[p]), "graphs_timed": sum(graphs[p]),
-                     "rounds": args.rounds, "steps_per_round": args.steps, "graphs_per_epoch": n_graphs, "batch_size": B, "max_nodes": M,
+                     "rounds": args.rounds, "steps_per_round": args.steps, "graphs_per_epoch": n_graphs,
+                     "batch_size": B, "max_nodes": M,
                      "gflop_per_step": flops[p] / 1e9,
                      "matmul_ms_at_peak": 1e3 * flops[p] / peak,
                      "step_ms": 1e3 * sum(seconds[p]) / (sum(graphs[p]) / B),
                      "matmul_peak_gflops": peak / 1e9,
                      "threads": args.threads, "command": command, "machine": machine, "versions": versions})
-    out = Path(args.out)
+    if args.out:
+        out = Path(args.out)
+    else:
+        sys.path.insert(0, str(HERE))
+        from provenance import results_dir  # bench/scripts/
+
+        out = results_dir("train_speed") / "train_speed"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -275,6 +289,7 @@ def main(argv=None):
               "", "Notes: the machine may be shared with other jobs; compare providers only within one run.",
               "Our bucketed gain is at level 0 only (cluster counts derive from max_nodes in both models)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.md')}", file=sys.stderr)
     print("\n".join(lines))
 
 

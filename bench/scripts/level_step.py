@@ -6,8 +6,10 @@ backend, B graphs of N node slots (graphs 1.. padded from N/2 on, graph 0 full),
 the pooled outputs + link + entropy terms. Each revision runs in its own process from its own
 git worktree; revisions alternate over ``--rounds`` rounds and each reports its best block.
 
-Usage: python bench/level_step.py [--ref REV ...] [--n 45,150,620] [--batch 20] [--threads 2]
-Writes bench/level_step.md (command, machine, versions included).
+Usage: python bench/scripts/level_step.py [--ref REV ...] [--n 45,150,620] [--batch 20] [--threads 2]
+Writes bench/results/<UTC date>-<device>-level_step/level_step.md (command, machine, versions,
+date included; bench/README.md); the reading of the recorded run is bench/notes/level_step.md.
+An earlier revision runs this file's own --worker code (from this checkout) with its package.
 """
 from __future__ import annotations
 
@@ -22,17 +24,20 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
 
-from provenance import header  # noqa: E402  (bench/ is on sys.path)
+from provenance import header, results_dir  # noqa: E402  (bench/scripts/ is on sys.path)
 
 
 def _measure(n_list, B, threads, reps):
     import torch
 
-    from diffpool_fast.model import DiffPool
+    try:
+        from diffpool_fast.nn.model import DiffPool
+    except ImportError:  # a revision from before the layout change (--ref)
+        from diffpool_fast.model import DiffPool
 
     torch.set_num_threads(threads)
     out = {}
@@ -46,8 +51,8 @@ def _measure(n_list, B, threads, reps):
         mask[1:, N // 2:] = False
         a = a * (mask[:, :, None] & mask[:, None, :])
 
-        def run():
-            o = lv(x, a, mask)
+        def run():  # called within this iteration only
+            o = lv(x, a, mask)  # noqa: B023
             (o.x.sum() + o.adj.sum() + o.link_loss + o.ent_loss).backward()
 
         for _ in range(3):
@@ -71,13 +76,14 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(HERE / "level_step.md"))
+    ap.add_argument("--out", default=None, help="markdown file to write (default: a new folder in bench/results/)")
     args = ap.parse_args(argv)
     n_list = [int(v) for v in args.n.split(",")]
     if args.worker:
         print(json.dumps(_measure(n_list, args.batch, args.threads, args.reps)))
         return
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
     revs = {f"{head}{'+changes' if dirty else ''} (this checkout)": REPO}
@@ -117,7 +123,10 @@ def main(argv=None):
     ]
     for name in revs:
         lines.append(f"| {name} | " + " | ".join(f"{best[name][n]:.2f}" for n in n_list) + " |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = Path(args.out) if args.out else results_dir("level_step") / "level_step.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
     print("\n".join(lines))
 
 

@@ -1,6 +1,7 @@
-"""Print bench/FLOOR.md's table: the bytes and FLOPs a DiffPool coarsening step must spend, and
-the time they take at an H100's peak rates. Counted by hand from ../shared/MATH.md ("What
-moves"); run: python bench/floor.py > bench/FLOOR.md (the header text is part of the output).
+"""Print bench/notes/FLOOR.md's table: the bytes and FLOPs a DiffPool coarsening step must spend,
+and the time they take at an H100's peak rates. Counted by hand from docs/math.md ("What
+moves"); run: python bench/scripts/floor.py > bench/notes/FLOOR.md (the header text is part of
+the output; no measurement, so it is a note, not a bench/results/ folder).
 
 Forward, per graph (fp32 = 4 bytes; adj as bool/uint8 = 1 byte):
   read  A (N^2), L (N C), X (N F); write S (N C), A S (N C), out (C F), A' (C^2)
@@ -14,7 +15,7 @@ shows why the N^2 C product must use tensor cores.
 """
 from __future__ import annotations
 
-from diffpool_fast.costmodel import Shape, floor_bytes, floor_flops
+from diffpool_fast.profiling.costmodel import Shape, floor_bytes, floor_flops
 
 HBM = 3.35e12  # H100 SXM HBM3, bytes/s
 TF32 = 495e12  # H100 SXM dense tf32 tensor-core FLOP/s
@@ -23,7 +24,7 @@ FP32 = 60e12  # H100 SXM fp32 non-tensor FLOP/s (~67 peak; 60 as in the issue)
 
 def counts(B, N, C, F, adj_bytes=4, el=4, symmetric=True):
     """(fwd bytes, fwd FLOPs, bwd bytes, bwd FLOPs): the counts above, from the package's cost
-    model (diffpool_fast.costmodel), which `diffpool-fast profile` also uses."""
+    model (diffpool_fast.profiling.costmodel), which `diffpool-fast profile` also uses."""
     assert el == 4, "this table is for fp32 x and s"
     shape = Shape(B, N, C, F, adj_dtype="uint8" if adj_bytes == 1 else "float32", masked=False,
                   symmetric=symmetric)
@@ -39,9 +40,9 @@ def main():
     B, C, F = 64, 128, 128
     print("# Floor of one DiffPool coarsening step on an H100 (bytes, FLOPs, predicted time)")
     print()
-    print("Written by `python bench/floor.py > bench/FLOOR.md` (no measurement: arithmetic on the")
-    print("counts below). Device model: H100 SXM, 3.35 TB/s HBM, 495 TF/s tf32 (dense), 60 TF/s")
-    print("fp32 without tensor cores. fp32 x, s and adj unless a row says uint8.")
+    print("Written by `python bench/scripts/floor.py > bench/notes/FLOOR.md` (no measurement:")
+    print("arithmetic on the counts below). Device model: H100 SXM, 3.35 TB/s HBM, 495 TF/s tf32")
+    print("(dense), 60 TF/s fp32 without tensor cores. fp32 x, s and adj unless a row says uint8.")
     print()
     print("```")
     print(__doc__.split("\n\n", 1)[1].split("Predicted")[0].rstrip())
@@ -49,7 +50,8 @@ def main():
     print()
     print(f"B={B}, C={C}, F={F}. Times in microseconds; `full` = forward + backward (symmetric A).")
     print()
-    print("| N | adj | fwd MB | fwd GFLOP | fwd us (tf32) | fwd us (fp32 cores) | bwd MB | bwd GFLOP | bwd us | full us | full us, A not symmetric |")
+    print("| N | adj | fwd MB | fwd GFLOP | fwd us (tf32) | fwd us (fp32 cores) | bwd MB | bwd GFLOP | bwd us "
+          "| full us | full us, A not symmetric |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for adj_bytes, name in ((4, "fp32"), (1, "uint8")):
         for N in (128, 256, 512, 1024, 2048):

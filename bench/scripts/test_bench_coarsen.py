@@ -1,21 +1,21 @@
 """pytest-benchmark cases: one coarsening step, our paths against PyG's, at fixed shapes.
 
-    pytest bench/ --benchmark-only                         # a table per shape and mode
-    pytest bench/ --benchmark-only --benchmark-autosave    # keep this commit's numbers
-    pytest bench/ --benchmark-only --benchmark-compare     # against the last saved run
+    pytest bench/scripts --benchmark-only                        # a table per shape and mode
+    pytest bench/scripts --benchmark-only --benchmark-autosave   # keep this commit's numbers
+    pytest bench/scripts --benchmark-only --benchmark-compare    # against the last saved run
 
 Each case times forward ("fwd") or forward + backward ("full") of ``dense_diff_pool`` with x
-and s requiring grad, on the same inputs as ``diffpool-fast profile`` (diffpool_fast.profile
-builds them). CUDA when available (then also the Triton path), else CPU. Cases of one shape
-and mode share a benchmark group, so they print side by side. Not collected by
-``pytest tests``.
+and s requiring grad, on the same inputs as ``diffpool-fast profile``
+(diffpool_fast.profiling.harness builds them). CUDA when available (then also the Triton path),
+else CPU. Cases of one shape and mode share a benchmark group, so they print side by side. Not
+collected by ``pytest tests``.
 """
 import pytest
 import torch
 
-from diffpool_fast import costmodel
-from diffpool_fast.costmodel import Shape
-from diffpool_fast.profile import backward, forward, make_backend, make_inputs, triton_unsupported
+from diffpool_fast.profiling import costmodel
+from diffpool_fast.profiling.costmodel import Shape
+from diffpool_fast.profiling.harness import backward, forward, make_backend, make_inputs, triton_unsupported
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = (

@@ -1,4 +1,4 @@
-"""Level 0 on a block-diagonal CSR adjacency (diffpool_fast.sparse) vs the dense batched products.
+"""Level 0 on a block-diagonal CSR adjacency (diffpool_fast.ops.block_sparse) vs dense batched products.
 
 ``diffpool-fast train``'s model (SAGE, hidden 64, 3 layers, JK, no norm, ratio 0.1, 2 levels, mean
 readout) on size-bucketed batches of 20 graphs of a TU dataset; for the median batch and the two
@@ -6,8 +6,10 @@ largest ones (by padded node count), one training step (forward, backward, Adam)
 ``--reps`` after one warm-up step; ``DIFFPOOL_FAST_SPARSE=0`` (dense) and ``auto`` (sparse from
 384 nodes), each in its own process, which also reports its peak resident memory.
 
-Usage: python bench/sparse_level0.py [--data-root DIR] [--datasets PROTEINS,DD] [--threads 2]
-Writes bench/sparse_level0.md (command, machine, versions included).
+Usage: python bench/scripts/sparse_level0.py [--data-root DIR] [--datasets PROTEINS,DD] [--threads 2]
+Writes bench/results/<UTC date>-<device>-sparse_level0/sparse_level0.md (command, machine,
+versions, date included; bench/README.md); the reading of the recorded run is
+bench/notes/sparse_level0.md.
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
 
-from provenance import header  # noqa: E402  (bench/ is on sys.path)
+from provenance import header, results_dir  # noqa: E402  (bench/scripts/ is on sys.path)
 
 
 def _worker(dataset, root, threads, reps):
@@ -33,8 +35,8 @@ def _worker(dataset, root, threads, reps):
     import torch.nn.functional as F
 
     from diffpool_fast.data import DenseLoader, load_tu
-    from diffpool_fast.model import DiffPoolClassifier
-    from diffpool_fast.train import _adam
+    from diffpool_fast.nn.model import DiffPoolClassifier
+    from diffpool_fast.train.loop import _adam
 
     torch.set_num_threads(threads)
     ds = load_tu(dataset, root)
@@ -76,7 +78,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(HERE / "sparse_level0.md"))
+    ap.add_argument("--out", default=None, help="markdown file to write (default: a new folder in bench/results/)")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args.worker, args.data_root, args.threads, args.reps)))
@@ -108,8 +110,12 @@ def main(argv=None):
         for bd, bs in zip(d["batches"], s["batches"]):
             lines.append(f"| {name} | {d['clusters']} | {bd['N']} | {bd['ms']:.0f} | {bs['ms']:.0f} | "
                          f"{bd['ms'] / bs['ms']:.2f}x | {d['peak_rss_mb']:.0f} / {s['peak_rss_mb']:.0f} |")
-    lines += ["", "Batches under 384 nodes take the dense path in both modes (`diffpool_fast.sparse.MIN_NODES`)."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    lines += ["", "Batches under 384 nodes take the dense path in both modes "
+              "(`diffpool_fast.ops.block_sparse.MIN_NODES`)."]
+    out = Path(args.out) if args.out else results_dir("sparse_level0") / "sparse_level0.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
     print("\n".join(lines))
 
 

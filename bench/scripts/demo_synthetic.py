@@ -2,11 +2,14 @@
 epochs, under changes that only move floating-point rounding: fused SAGE blocks or the layer
 modules (``DIFFPOOL_FAST_FUSED=0``), 1 or 2 threads. Shows how settled the demo's result is.
 
-Usage: python bench/demo_synthetic.py
-Writes bench/demo_synthetic.md (command, machine, versions included).
+Usage: python bench/scripts/demo_synthetic.py [--out FILE]
+Writes bench/results/<UTC date>-<device>-demo_synthetic/demo_synthetic.md (command, machine,
+versions, date included; bench/README.md); the reading of the recorded run is
+bench/notes/demo_synthetic.md.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -15,20 +18,23 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-from provenance import header  # noqa: E402  (bench/ is on sys.path)
+from provenance import header, results_dir  # noqa: E402  (bench/scripts/ is on sys.path)
 
 
 def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="markdown file to write (default: a new folder in bench/results/)")
+    args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="demo_synthetic_") as tmp:
         for epochs in (20, 60):
             for fused in ("1", "0"):
                 for threads in (1, 2):
                     out = Path(tmp) / f"e{epochs}-f{fused}-t{threads}"
-                    cmd = [sys.executable, "-m", "diffpool_fast.cli", "train", "--dataset", "synthetic", "--epochs",
+                    cmd = [sys.executable, "-m", "diffpool_fast", "train", "--dataset", "synthetic", "--epochs",
                            str(epochs), "--threads", str(threads), "--progress", "off", "--out", str(out)]
                     subprocess.run(cmd, env=dict(os.environ, DIFFPOOL_FAST_FUSED=fused), cwd=REPO, check=True,
                                    capture_output=True)
@@ -43,7 +49,10 @@ def main(argv=None):
              "| epochs | GNN path | threads | test acc % | best-validation epoch | train s/epoch |",
              "| ---: | --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {e} | {p} | {t} | {a:.2f} | {b} | {s:.2f} |" for e, p, t, a, b, s in rows]
-    (HERE / "demo_synthetic.md").write_text("\n".join(lines) + "\n")
+    out = Path(args.out) if args.out else results_dir("demo_synthetic") / "demo_synthetic.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
     print("\n".join(lines))
 
 

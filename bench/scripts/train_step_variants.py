@@ -1,6 +1,6 @@
 """Where a DiffPoolClassifier training step's time goes on CPU: variants measured in one run.
 
-Setting of bench/train_speed.py (PROTEINS graphs with <= 150 nodes, PyG's example architecture,
+Setting of bench/scripts/train_speed.py (PROTEINS graphs with <= 150 nodes, PyG's example architecture,
 batch 20, size-bucketed batches, Adam), data loading excluded: batches are collated once.
 Every variant trains over the same epoch of batches after one warm-up epoch; graphs/s over
 ``--epochs`` timed epochs. Variants:
@@ -16,8 +16,10 @@ Every variant trains over the same epoch of batches after one warm-up epoch; gra
 - ``level-overhead``: one DiffPool level (both GNNs + pooling) forward + backward at B=1, N=3,
   i.e. with almost no data: the per-operation cost floor, ms.
 
-Usage: python bench/train_step_variants.py [--data-root DIR] [--epochs 2] [--threads 2]
-Writes bench/train_step_variants.md (command, machine, versions included).
+Usage: python bench/scripts/train_step_variants.py [--data-root DIR] [--epochs 2] [--threads 2]
+Writes bench/results/<UTC date>-<device>-train_step_variants/train_step_variants.md (command,
+machine, versions, date included; bench/README.md); the reading of the recorded run is
+bench/notes/train_step_variants.md.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from train_speed import HERE, _default_root  # bench/ is the script's folder, on sys.path
+from train_speed import _default_root  # bench/scripts/ is the script's folder, on sys.path
 
 
 def _train(variant: str, data_root: str, epochs: int, threads: int) -> dict:
@@ -36,8 +38,8 @@ def _train(variant: str, data_root: str, epochs: int, threads: int) -> dict:
     import torch.nn.functional as F
 
     from diffpool_fast.data import DenseLoader, load_tu
-    from diffpool_fast.model import DenseGNN, DiffPoolClassifier
-    from diffpool_fast.train import _adam
+    from diffpool_fast.nn.model import DenseGNN, DiffPoolClassifier
+    from diffpool_fast.train.loop import _adam
 
     torch.set_num_threads(threads)
     ds = load_tu("PROTEINS", data_root)
@@ -51,7 +53,8 @@ def _train(variant: str, data_root: str, epochs: int, threads: int) -> dict:
             if isinstance(m, DenseGNN):
                 m.fused = False
     opt = torch.optim.Adam(net.parameters(), 1e-3) if variant == "plain-adam" else _adam(net, 1e-3, 0.0)
-    batches = [(b.x, b.adj.float(), b.mask, b.y) for b in DenseLoader(ds, batch_size=20, shuffle=True, bucket=True, seed=1).epoch(0)]
+    loader = DenseLoader(ds, batch_size=20, shuffle=True, bucket=True, seed=1)
+    batches = [(b.x, b.adj.float(), b.mask, b.y) for b in loader.epoch(0)]
 
     def loss_of(x, adj, mask, y):
         logits, aux = net(x, adj, mask)
@@ -79,7 +82,7 @@ def _train(variant: str, data_root: str, epochs: int, threads: int) -> dict:
 def _level_overhead(threads: int, repeats: int = 500) -> float:
     import torch
 
-    from diffpool_fast.model import DiffPool
+    from diffpool_fast.nn.model import DiffPool
 
     torch.set_num_threads(threads)
     x, adj = torch.randn(1, 3, 3), torch.rand(1, 3, 3)
@@ -110,7 +113,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs per variant (after one warm-up epoch)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(HERE / "train_step_variants.md"))
+    ap.add_argument("--out", default=None, help="markdown file to write (default: a new folder in bench/results/)")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(_train(args.child, args.data_root, args.epochs, args.threads)))
@@ -130,11 +133,12 @@ def main(argv=None):
     pair = [_child("fused", args, 1) for _ in range(2)]
     outs = [json.loads(p.communicate()[0]) for p in pair]
     res["fused-1thread-x2"] = {"graphs_per_s": sum(o["graphs_per_s"] for o in outs),
-                               "ms_per_step": max(o["ms_per_step"] for o in outs), "warmup_s": max(o["warmup_s"] for o in outs),
+                               "ms_per_step": max(o["ms_per_step"] for o in outs),
+                               "warmup_s": max(o["warmup_s"] for o in outs),
                                "each": [round(o["graphs_per_s"]) for o in outs]}
     overhead = _level_overhead(args.threads)
 
-    from provenance import header  # bench/ is the script's folder, on sys.path
+    from provenance import header, results_dir  # bench/scripts/ is the script's folder, on sys.path
 
     base = res["fused"]["graphs_per_s"]
     lines = ["# Training-step variants of DiffPoolClassifier (PROTEINS <= 150 nodes, batch 20, bucketed)", "",
@@ -150,7 +154,10 @@ def main(argv=None):
                      f"{r['ms_per_step']:.2f} | {r['warmup_s']:.1f} |")
     lines += ["", f"One DiffPool level (both GNNs and the pooling), forward + backward at B=1, N=3 ({args.threads} "
               f"threads): {overhead:.2f} ms: the per-operation cost with almost no data."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = Path(args.out) if args.out else results_dir("train_step_variants") / "train_step_variants.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
     print("\n".join(lines))
 
 
