@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from diffpool_fast.ops.coarsen_torch import coarsen_torch
 from diffpool_fast.nn.model import DenseGNN, DiffPoolClassifier
 from diffpool_fast.ops.block_sparse import BlockSparseAdj, worth_it
+from diffpool_fast.ops.coarsen_torch import coarsen_torch
 
 
 def _graphs(B, N, seed, symmetric, byte=False, full_pad=True):
@@ -100,7 +100,7 @@ def test_classifier_sparse_level0_matches_dense(norm, symmetric, byte, monkeypat
     res = []
     for m, env in ((model, "0"), (other, "1")):
         monkeypatch.setenv("DIFFPOOL_FAST_SPARSE", env)
-        for step in range(2):  # two steps: running statistics follow
+        for _ in range(2):  # two steps: running statistics follow
             for p in m.parameters():
                 p.grad = None
             logits, aux = m(x, adj, mask)

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffpool_fast import dense_diff_pool
-from diffpool_fast.data import DenseLoader, collate, make_synthetic
+from diffpool_fast.data import DenseLoader, make_synthetic
 from diffpool_fast.nn.model import DiffPool, DiffPoolClassifier, cluster_counts
 from diffpool_fast.ops.reference import dense_diff_pool_reference
 
@@ -36,7 +35,8 @@ def test_cluster_counts():
 def test_forward_backward_every_layer_and_depth(gnn, levels):
     x, adj, mask, y = _random_batch()
     # ratio 0.5: 17 -> 9 -> 5 -> 3 clusters (one cluster would make the assignment constant)
-    model = DiffPoolClassifier(6, 3, max_nodes=17, num_levels=levels, ratio=0.5, hidden=8, gnn=gnn, layers=2, dropout=0.1)
+    model = DiffPoolClassifier(6, 3, max_nodes=17, num_levels=levels, ratio=0.5, hidden=8, gnn=gnn, layers=2,
+                               dropout=0.1)
     assert model.clusters == [9, 5, 3][:levels]
     logits, aux, terms = model(x, adj, mask, return_terms=True)
     assert logits.shape == (4, 3)
@@ -65,7 +65,8 @@ def test_padding_does_not_change_the_model(readout, readout_levels, norm):
     """Masks are honoured everywhere: padding a batch further changes neither logits nor loss
     (training mode too, since batch norm counts real nodes only)."""
     x, adj, mask, y = _random_batch()
-    model = DiffPoolClassifier(6, 3, max_nodes=40, hidden=8, readout=readout, readout_levels=readout_levels, batch_norm=norm)
+    model = DiffPoolClassifier(6, 3, max_nodes=40, hidden=8, readout=readout, readout_levels=readout_levels,
+                               batch_norm=norm)
     pad = 9
     xp = F.pad(x, (0, 0, 0, pad), value=0.0)
     xp[:, -pad:] = 5.0  # garbage in padded rows must not leak

@@ -225,8 +225,9 @@ def test_symmetric_promise_gives_the_same_gradients(masked):
     adj_ns[:, 0, 1:] = 0.0
     adj_ns[:, 1:, 0] = 1.0
     ss = s.clone().requires_grad_()
-    d = [torch.autograd.grad(dense_diff_pool(x, adj_ns, ss, mask, backend="torch", adj_symmetric=sym)[1].pow(2).sum(), ss)[0]
-         for sym in (None, True)]
+    d = [torch.autograd.grad(
+        dense_diff_pool(x, adj_ns, ss, mask, backend="torch", adj_symmetric=sym)[1].pow(2).sum(), ss)[0]
+        for sym in (None, True)]
     assert not torch.allclose(d[0], d[1])
 
 

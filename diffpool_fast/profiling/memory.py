@@ -120,7 +120,7 @@ def worker_main() -> None:
 
             peak = measure_cpu_peak(lambda outs: backward(outs, inp), before)
         else:
-            peak = measure_cpu_peak(lambda: step_keep(backend.fn, inp, mode))
+            peak = measure_cpu_peak(lambda mode=mode: step_keep(backend.fn, inp, mode))
         inp.x.grad = inp.s.grad = None
         result[mode] = peak
     result["inputs"] = inp.nbytes("full")

@@ -33,8 +33,7 @@ from ..config import BACKEND_ENV
 from ..errors import UsageError
 from .harness import BACKEND_LABELS, Timer, first_line, triton_unavailable
 from .memory import cpu_peak_supported, measure_cpu_peak, run_worker
-from .options import (check_density, choice_list, int_list, require_at_least, resolve_device,
-                      set_threads)
+from .options import check_density, choice_list, int_list, require_at_least, resolve_device, set_threads
 from .provenance import command_line, device_name, versions
 from .report import mib, short
 
@@ -331,7 +330,7 @@ def _profile_model_shape(ms, backends, device, args, threads, mem_reason, bar):
                 bar.update(1)
                 continue
             try:
-                t = timer.time(lambda _: live[name].step())
+                t = timer.time(lambda _, name=name: live[name].step())
             except Exception as err:
                 rows[name].update(status="error", reason=first_line(err))
                 bar.update(1)
