@@ -36,8 +36,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.coarsen_torch import adjacency_matmul
 from ..ops.block_sparse import BlockSparseAdj
+from ..ops.coarsen_torch import adjacency_matmul
 
 __all__ = ["SageBlocksFunction", "sage_blocks"]
 
