@@ -20,6 +20,21 @@ def test_unknown_backend_is_named(monkeypatch):
         dense_diff_pool(torch.randn(1, 3, 2), torch.rand(1, 3, 3), torch.randn(1, 3, 2), backend="cuda")
 
 
+@pytest.mark.parametrize("backend", [None, 1, ["torch"], b"torch"])
+def test_a_backend_that_is_not_a_str_is_a_type_error(monkeypatch, backend):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    with pytest.raises(TypeError, match=r"backend must be a str, one of \('auto', 'torch', 'triton'\)"):
+        resolve_backend(backend, torch.device("cpu"))
+
+
+def test_the_argument_is_checked_even_when_the_environment_overrides_it(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda", torch.device("cpu"))
+    with pytest.raises(TypeError, match="backend must be a str"):
+        resolve_backend(None, torch.device("cpu"))
+
+
 def test_environment_variable_forces_backend(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "torch")
     assert resolve_backend("triton", torch.device("cpu")) == "torch"

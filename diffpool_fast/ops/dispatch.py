@@ -29,8 +29,21 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def check_backend(backend) -> None:
+    """A TypeError for a backend that is not a str, a ValueError for an unknown name."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {POOL_BACKENDS}, got {type(backend).__name__} {backend!r}")
+    if backend not in POOL_BACKENDS:
+        raise ValueError(f"backend must be one of {POOL_BACKENDS}, got {backend!r}")
+
+
 def resolve_backend(backend: str, device) -> str:
-    """Return "torch" or "triton" for a requested backend and the tensors' device."""
+    """Return "torch" or "triton" for a requested backend and the tensors' device.
+
+    The argument is checked even when ``DIFFPOOL_FAST_BACKEND`` overrides it, so that a typo does
+    not pass unnoticed until the variable is unset.
+    """
+    check_backend(backend)
     forced = backend_override()
     if forced:
         if forced not in POOL_BACKENDS:
@@ -38,8 +51,6 @@ def resolve_backend(backend: str, device) -> str:
                 f"environment variable {BACKEND_ENV}={forced!r} is not one of {POOL_BACKENDS}"
             )
         backend = forced
-    if backend not in POOL_BACKENDS:
-        raise ValueError(f"backend must be one of {POOL_BACKENDS}, got {backend!r}")
     is_cuda = getattr(device, "type", str(device)) == "cuda"
     if backend == "auto":
         return "triton" if is_cuda and triton_importable() else "torch"

@@ -2,7 +2,9 @@
 
 Every public entry point calls :func:`check_pool_inputs` once, so the torch path and the
 Triton path see the same, already-validated shapes: x [B, N, F], adj [B, N, N], s [B, N, C],
-mask [B, N] bool or None.
+mask [B, N] bool or None. Every error is a ``TypeError`` (wrong kind: not a tensor, a sparse or
+nested tensor, a wrong dtype) or a ``ValueError`` (wrong shape, device or values) whose message
+names the argument and the shapes.
 """
 from __future__ import annotations
 
@@ -21,13 +23,33 @@ class PoolInputs(NamedTuple):
     mask: Optional[Tensor]  # [B, N] bool, or None when every node is real
 
 
+MASK_VALUES_MESSAGE = "mask of a non-bool dtype must hold only 0 and 1; pass a bool tensor (True = real node)"
+
+
 def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 
 
-def _batched(name: str, t, ndim_hint: str) -> Tensor:
+def _dense_tensor(name: str, t, what: str) -> Tensor:
+    """``t`` as an ordinary (strided, non-nested) tensor with data, else a TypeError naming it."""
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor{what}, got {type(t).__name__}")
+    if t.is_nested:
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor, got a nested tensor: pad the graphs to one "
+            "node count first (torch_geometric.utils.to_dense_batch / to_dense_adj, or "
+            "torch.nested.to_padded_tensor) and pass a mask"
+        )
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor, got layout {t.layout}: "
+            f"pass {name}.to_dense() (dense_diff_pool works on padded dense batches)"
+        )
+    return t
+
+
+def _batched(name: str, t, ndim_hint: str) -> Tensor:
+    t = _dense_tensor(name, t, "")
     if t.dim() == 2:
         return t.unsqueeze(0)
     if t.dim() == 3:
@@ -36,6 +58,23 @@ def _batched(name: str, t, ndim_hint: str) -> Tensor:
         f"{name} must be {ndim_hint} (or the same without the batch dimension), "
         f"got a {t.dim()}-D tensor of shape {_shape(t)}"
     )
+
+
+def _check_mask_values(mask: Tensor) -> None:
+    """A float or integer mask must hold only 0 and 1: a fractional weight (or 2, or NaN) would
+    silently change what the mask means.
+
+    Eagerly this is a ``ValueError``. Inside ``torch.compile`` (and ``torch.export``) a Python
+    ``if`` on tensor values would be a graph break, so the check is a tensor-side assertion
+    (``torch._assert_async``) instead, in the graph: on CPU a ``RuntimeError`` with this message,
+    on CUDA a device-side assert (which ends the CUDA context). A bool mask needs no check.
+    """
+    bad = (mask != 0) & (mask != 1)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), MASK_VALUES_MESSAGE)
+    elif bool(bad.any()):
+        raise ValueError(f"mask of dtype {mask.dtype} must hold only 0 and 1, "
+                         "pass a bool tensor (True = real node)")
 
 
 def check_pool_inputs(x, adj, s, mask=None) -> PoolInputs:
@@ -58,15 +97,23 @@ def check_pool_inputs(x, adj, s, mask=None) -> PoolInputs:
         raise TypeError(
             f"adj must be floating point, bool or uint8, got dtype {adj3.dtype}"
         )
+    if mask is not None:
+        _dense_tensor("mask", mask, " or None")
 
     devices = {str(t.device) for t in (x3, adj3, s3)}
-    if mask is not None and isinstance(mask, Tensor):
+    if mask is not None:
         devices.add(str(mask.device))
     if len(devices) > 1:
         raise ValueError(
             "x, adj, s and mask must be on one device, got "
             f"x on {x3.device}, adj on {adj3.device}, s on {s3.device}"
-            + (f", mask on {mask.device}" if isinstance(mask, Tensor) else "")
+            + (f", mask on {mask.device}" if mask is not None else "")
+        )
+    if x3.device.type == "meta":
+        raise ValueError(
+            "x, adj, s" + (" and mask" if mask is not None else "") + " are on the meta device, "
+            "which holds no values: dense_diff_pool computes values (and checks the mask's), so "
+            "its inputs must be on a real device"
         )
 
     B, N = x3.shape[0], x3.shape[1]
@@ -88,8 +135,6 @@ def check_pool_inputs(x, adj, s, mask=None) -> PoolInputs:
 
     mask_b = None
     if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if mask.is_complex():
             raise TypeError(f"mask must be bool (or 0/1 integers or floats), got dtype {mask.dtype}")
         if mask.numel() != B * N or not (
@@ -102,14 +147,8 @@ def check_pool_inputs(x, adj, s, mask=None) -> PoolInputs:
             )
         mask_b = mask.reshape(B, N)
         if mask_b.dtype != torch.bool:
-            # Float and integer masks are accepted for drop-in use, but only with 0/1 values:
-            # a fractional weight would silently change what the mask means.
-            bad = (mask_b != 0) & (mask_b != 1)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"mask of dtype {mask_b.dtype} must hold only 0 and 1, "
-                    "pass a bool tensor (True = real node)"
-                )
+            # Float and integer masks are accepted for drop-in use, but only with 0/1 values.
+            _check_mask_values(mask_b)
             mask_b = mask_b != 0
     return PoolInputs(x3, adj3, s3, mask_b)
 
