@@ -14,8 +14,10 @@ read-only: the raw files are linked into a writable cache (``cache_dir``, defaul
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Sequence
@@ -28,19 +30,9 @@ from .config import CACHE_ENV, DATA_ROOT_ENV, env
 from .errors import DatasetError
 
 __all__ = [
-    "DatasetError",
-    "GraphDataset",
-    "DenseBatch",
-    "collate",
-    "DenseLoader",
-    "load_tu",
-    "make_synthetic",
-    "load_dataset",
-    "stratified_folds",
-    "stratified_split",
-    "default_data_root",
-    "default_cache_dir",
-    "DATA_ROOT_ENV",
+    "DatasetError", "GraphDataset", "DenseBatch", "collate", "DenseLoader", "load_tu",
+    "make_synthetic", "load_dataset", "stratified_folds", "stratified_split",
+    "default_data_root", "default_cache_dir", "fingerprint", "generator_seed", "DATA_ROOT_ENV",
     "CACHE_ENV",
 ]
 
@@ -52,6 +44,43 @@ def default_data_root() -> str:
 def default_cache_dir() -> str:
     """``$DIFFPOOL_FAST_CACHE`` if set, else ``~/.cache/diffpool_fast``."""
     return env(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "diffpool_fast")
+
+
+#: the seeds ``torch.Generator.manual_seed`` accepts: [-2**63, 2**64)
+_TORCH_SEED_RANGE = (-(2**63), 2**64)
+
+
+def generator_seed(value: int) -> int:
+    """``value`` as a seed torch accepts: unchanged inside torch's range (so every seed that
+    worked before keeps its stream), reduced modulo 2**64 outside it, where ``manual_seed``
+    would raise an overflow error."""
+    lo, hi = _TORCH_SEED_RANGE
+    return value if lo <= value < hi else value % hi
+
+
+def fingerprint(ds: "GraphDataset") -> dict:
+    """What a training run's numbers depend on in a dataset, for telling later whether it is
+    still the same data: counts, and SHA-256 digests (16 hex digits) of the graph labels, the
+    node features and the edge lists, plus the raw files' digests of a TU dataset."""
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    return {
+        "name": ds.name,
+        "graphs": len(ds),
+        "classes": ds.num_classes,
+        "features": ds.num_features,
+        "nodes": int(ds.num_nodes.sum()),
+        "labels_sha256": digest([ds.y]),
+        "features_sha256": digest(ds.xs),
+        "edges_sha256": digest(ds.edges),
+        "files": dict(ds.info.get("files") or {}),
+    }
 
 
 class GraphDataset:
@@ -219,7 +248,7 @@ class DenseLoader:
             if self.bucket:
                 idx = idx[torch.argsort(sizes[idx], stable=True)]
             return list(idx.split(bs))
-        g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(epoch))
+        g = torch.Generator().manual_seed(generator_seed(int(self.seed) * 1_000_003 + int(epoch)))
         idx = idx[torch.randperm(len(idx), generator=g)]
         if not self.bucket:
             return list(idx.split(bs))
@@ -246,6 +275,19 @@ class DenseLoader:
 # --------------------------------------------------------------------------- TU datasets
 
 _TU_REQUIRED = ("A", "graph_indicator", "graph_labels")
+#: the files of a TU dataset this package reads, with what each line holds: (kind, columns);
+#: columns None = any number, the same on every line. Edge labels and attributes and graph
+#: attributes are not used, so they are neither copied nor read (PyG's TUDataset would take
+#: graph attributes as regression targets in place of the graph labels).
+_TU_FILES = {
+    "A": ("int", 2),
+    "graph_indicator": ("int", 1),
+    "graph_labels": ("int", 1),
+    "node_labels": ("int", None),
+    "node_attributes": ("float", None),
+}
+#: bumped when the staged files or their processing change, so that old cache entries are not used
+_TU_CACHE_FORMAT = "tu-2"
 
 
 def _find_tu_source(root: Path, name: str) -> Optional[Path]:
@@ -262,17 +304,178 @@ def _available(root: Path) -> List[str]:
 
 
 def _link_raw(src: Path, raw: Path, name: str) -> None:
+    """Link (or copy) every ``NAME_*.txt`` of ``src`` into ``raw`` (for tools that hand the raw
+    files to PyG themselves; :func:`load_tu` copies and checks them instead)."""
     raw.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if not (f.is_file() and f.name.startswith(name + "_") and f.suffix == ".txt"):
-            continue
+    for f in src.glob(f"{name}_*.txt"):
         dst = raw / f.name
-        if dst.exists() or dst.is_symlink():
-            continue
+        if f.is_file() and not (dst.exists() or dst.is_symlink()):
+            try:
+                os.symlink(f.resolve(), dst)
+            except OSError:  # filesystems without symlinks
+                shutil.copyfile(f, dst)
+
+
+def _read_tu_files(src: Path, name: str) -> dict:
+    """``{part: bytes}`` of the files of ``_TU_FILES`` present in ``src``, each read once: the
+    cache key, the checks and the cached copy all come from these same bytes, so a file that
+    changes while it is read cannot end up cached under another content's key."""
+    out = {}
+    for part in _TU_FILES:
+        path = src / f"{name}_{part}.txt"
+        if path.is_file():
+            try:
+                out[part] = path.read_bytes()
+            except OSError as err:
+                raise DatasetError(f"dataset {name!r}: cannot read {path}: {err.strerror or err}") from None
+    return out
+
+
+def _parse_tu_file(name: str, part: str, data: bytes) -> np.ndarray:
+    """One raw file as a [lines, columns] array, or a DatasetError that names the file and line."""
+    fname = f"{name}_{part}.txt"
+    kind, cols = _TU_FILES[part]
+    body = data.rstrip()
+    if not body:
+        raise DatasetError(f"dataset {name!r}: {fname} is empty")
+    # PyG's reader fails on a blank line with an unrelated message; numpy's would skip it.
+    blank = re.search(rb"(?m)^[ \t\r]*$", body)
+    if blank is not None:
+        line = body.count(b"\n", 0, blank.start()) + 1
+        raise DatasetError(f"dataset {name!r}: {fname} line {line} is blank")
+    try:
+        arr = np.loadtxt(io.BytesIO(body), delimiter=",", dtype=np.int64 if kind == "int" else np.float64,
+                         ndmin=2, comments=None)
+    except Exception as err:  # malformed numbers, ragged lines, undecodable bytes
+        raise DatasetError(f"dataset {name!r}: {fname} is malformed: {_loadtxt_reason(err, kind)} "
+                           "(truncated, or not a TU file?)") from None
+    if cols is not None and arr.shape[1] != cols:
+        raise DatasetError(f"dataset {name!r}: {fname} has {arr.shape[1]} value(s) per line, expected {cols}")
+    if kind == "float" and not np.isfinite(arr).all():
+        row = int(np.nonzero(~np.isfinite(arr).all(1))[0][0])
+        raise DatasetError(f"dataset {name!r}: {fname} line {row + 1} holds a non-finite value")
+    return arr
+
+
+def _loadtxt_reason(err: Exception, kind: str) -> str:
+    """numpy's message about a bad line, with 1-based line numbers (numpy counts a bad number's
+    row from 0 and a ragged row from 1)."""
+    text = str(err)
+    m = re.search(r"could not convert string (.*) to \w+ at row (\d+), column (\d+)", text)
+    if m:
+        what = "an integer" if kind == "int" else "a number"
+        return f"line {int(m.group(2)) + 1}, value {m.group(3)}: {m.group(1)} is not {what}"
+    m = re.search(r"number of columns changed from (\d+) to (\d+) at row (\d+)", text)
+    if m:
+        return f"line {m.group(3)} has {m.group(2)} value(s), the lines before it {m.group(1)}"
+    return text.split("; use `usecols`")[0]
+
+
+def _check_tu_files(name: str, files: dict) -> None:
+    """The consistency PyG's TUDataset assumes without checking. Broken, it either fails with an
+    unrelated index error or, worse, silently mixes graphs up (nodes not grouped by graph, edges
+    between graphs)."""
+    arr = {part: _parse_tu_file(name, part, data) for part, data in files.items()}
+    f = {part: f"{name}_{part}.txt" for part in _TU_FILES}
+    labels, indicator, edges = arr["graph_labels"][:, 0], arr["graph_indicator"][:, 0], arr["A"]
+    n_graphs, n_nodes = len(labels), len(indicator)
+    if indicator.min() < 1 or indicator.max() != n_graphs:
+        raise DatasetError(
+            f"dataset {name!r}: {f['graph_indicator']} names graphs {indicator.min()}..{indicator.max()}, "
+            f"but {f['graph_labels']} has {n_graphs} labels (truncated, or files of different datasets?)")
+    if (np.diff(indicator) < 0).any():
+        row = int(np.nonzero(np.diff(indicator) < 0)[0][0]) + 2
+        raise DatasetError(f"dataset {name!r}: {f['graph_indicator']} is not sorted by graph (line {row}); "
+                           "the TU format lists each graph's nodes together")
+    per_graph = np.bincount(indicator, minlength=n_graphs + 1)[1:]
+    if (per_graph == 0).any():
+        raise DatasetError(f"dataset {name!r}: graph {int(np.nonzero(per_graph == 0)[0][0]) + 1} has no nodes "
+                           f"in {f['graph_indicator']}")
+    for part in ("node_labels", "node_attributes"):
+        if part in arr and len(arr[part]) != n_nodes:
+            raise DatasetError(f"dataset {name!r}: {f[part]} has {len(arr[part])} lines, but "
+                               f"{f['graph_indicator']} has {n_nodes} nodes (truncated?)")
+    if edges.min() < 1 or edges.max() > n_nodes:
+        bad = int(np.nonzero((edges < 1).any(1) | (edges > n_nodes).any(1))[0][0])
+        raise DatasetError(f"dataset {name!r}: {f['A']} line {bad + 1} names node {edges[bad].tolist()}, "
+                           f"outside 1..{n_nodes} (the nodes of {f['graph_indicator']})")
+    cross = indicator[edges[:, 0] - 1] != indicator[edges[:, 1] - 1]
+    if cross.any():
+        bad = int(np.nonzero(cross)[0][0])
+        last = " (the last line: truncated?)" if bad == len(edges) - 1 else ""
+        raise DatasetError(f"dataset {name!r}: {f['A']} line {bad + 1} joins nodes of two graphs "
+                           f"(graphs {indicator[edges[bad, 0] - 1]} and {indicator[edges[bad, 1] - 1]}){last}")
+    loops = edges[:, 0] == edges[:, 1]
+    if not (indicator[edges[~loops, 0] - 1] == n_graphs).any():  # PyG would drop (or misalign) it
+        raise DatasetError(f"dataset {name!r}: the last graph ({n_graphs}) has no edges in {f['A']} "
+                           "(truncated?), which torch_geometric's TUDataset cannot read")
+
+
+def _stage_tu(cache: Path, name: str, files: dict) -> Path:
+    """The cache folder of exactly this content: ``cache/tu/NAME-<hash>/NAME/raw/`` holds checked
+    copies of the raw files, beside PyG's processed file. It is built in a temporary folder and
+    renamed into place, so a folder under a key is always complete; a change of any byte of the
+    raw files gives another key, so stale processed data is never read."""
+    import torch_geometric
+
+    digest = hashlib.sha256(f"{_TU_CACHE_FORMAT}\0{name}\0{torch_geometric.__version__}".encode())
+    for part in sorted(files):
+        digest.update(f"\0{part}\0{hashlib.sha256(files[part]).hexdigest()}".encode())
+    base = cache / "tu"
+    final = base / f"{name}-{digest.hexdigest()[:20]}"
+    if (final / name / "raw").is_dir():
+        return final
+    _check_tu_files(name, files)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(base)
+        tmp = base / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        raw = tmp / name / "raw"
+        raw.mkdir(parents=True)
+        for part, data in files.items():
+            # PyG's reader drops a last line that has no newline: add it in the copy.
+            (raw / f"{name}_{part}.txt").write_bytes(data.rstrip() + b"\n")
+        _process_tu(tmp, name)
         try:
-            os.symlink(f.resolve(), dst)
-        except OSError:  # filesystems without symlinks
-            shutil.copyfile(f, dst)
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same key first: use its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / name / "raw").is_dir():
+                raise
+    except OSError as err:
+        raise DatasetError(f"dataset {name!r}: cannot write the cache folder {base}: {err.strerror or err} "
+                           "(choose another with --cache-dir)") from None
+    return final
+
+
+def _remove_stale_staging(base: Path) -> None:
+    """Temporary folders of killed processes (``.tmp-KEY-PID`` whose PID is not running)."""
+    for p in base.glob(".tmp-*"):
+        pid = p.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; our own PID counts as not (a leftover of an earlier process
+    that had it: containers reuse PIDs)."""
+    try:
+        return pid != os.getpid() and os.kill(pid, 0) is None
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+
+
+def _process_tu(root: Path, name: str, node_attr: bool = False):
+    """PyG's TUDataset on a staged folder; any failure is a DatasetError."""
+    from torch_geometric.datasets import TUDataset
+
+    try:
+        return TUDataset(str(root), name, use_node_attr=node_attr)
+    except Exception as err:  # parse errors PyG meets that the checks above do not catch
+        raise DatasetError(f"could not read TU dataset {name!r}: {type(err).__name__}: {err}") from err
 
 
 def _degree_onehot(edges: Tensor, n: int, cap: int) -> Tensor:
@@ -293,15 +496,28 @@ def load_tu(
     Node features: one-hot node labels; with ``node_attr``, also the continuous node attributes,
     standardised per column over all nodes of the dataset (no class labels involved); for a
     dataset without node labels or attributes (IMDB-BINARY), one-hot degree capped at the
-    dataset's maximum degree. ``download`` lets TUDataset fetch a dataset missing from ``root``.
+    dataset's maximum degree. ``download`` lets TUDataset fetch a dataset missing from ``root``
+    (into ``cache_dir/tu-download``).
+
+    The cache is keyed on the content of the raw files read (``NAME_A``, ``_graph_indicator``,
+    ``_graph_labels``, ``_node_labels``, ``_node_attributes``), not on their folder: fixed,
+    truncated or relabelled files are read afresh. A new content is checked first (numbers,
+    line counts that agree, nodes grouped by graph, edges inside one graph); a malformed file is
+    a :class:`DatasetError` naming it. ``info["files"]`` holds each file's SHA-256 (16 hex
+    digits), so that a run can tell later which file changed.
     """
     try:
-        from torch_geometric.datasets import TUDataset
+        import torch_geometric  # noqa: F401
     except ImportError as err:  # pragma: no cover - dev extra installs it
         raise DatasetError(f"TU datasets need torch_geometric ({err}); pip install torch_geometric") from err
     rootp = Path(root).expanduser()
+    cache = Path(cache_dir or default_cache_dir()).expanduser()
     src = _find_tu_source(rootp, name)
-    if src is None and not download:
+    if src is None and download:
+        fetched = cache / "tu-download"
+        _process_tu(fetched, name)  # downloads the raw files (and processes them once there)
+        src = _find_tu_source(fetched, name)
+    if src is None:
         have = _available(rootp)
         where = f"{rootp}/{name}/{name}_A.txt (or {rootp}/{name}/raw/)"
         hint = f"; datasets there: {', '.join(have)}" if have else (
@@ -311,19 +527,25 @@ def load_tu(
             f"dataset {name!r} not found: expected {where}{hint}. Point --data-root at a folder of "
             "TU datasets, or pass --download to fetch it"
         )
-    if src is not None:
-        for part in _TU_REQUIRED:
-            if not (src / f"{name}_{part}.txt").is_file():
-                raise DatasetError(f"dataset {name!r}: missing file {src / f'{name}_{part}.txt'}")
-    cache = Path(cache_dir or default_cache_dir()).expanduser()
-    key = hashlib.sha1(str((src or rootp).resolve()).encode()).hexdigest()[:10]
-    tu_root = cache / "tu" / key
-    if src is not None:
-        _link_raw(src, tu_root / name / "raw", name)
+    for part in _TU_REQUIRED:
+        if not (src / f"{name}_{part}.txt").is_file():
+            raise DatasetError(f"dataset {name!r}: missing file {src / f'{name}_{part}.txt'}")
+    files = _read_tu_files(src, name)
+    staged = _stage_tu(cache, name, files)
     try:
-        tu = TUDataset(str(tu_root), name, use_node_attr=node_attr)
-    except Exception as err:  # parse errors, download failures: one clear line
-        raise DatasetError(f"could not read TU dataset {name!r} from {src or rootp}: {type(err).__name__}: {err}") from err
+        tu = _process_tu(staged, name, node_attr)
+    except DatasetError:
+        # A processed file that no longer loads (a torch_geometric update, a damaged disk):
+        # the raw copies are checked, so processing them again is safe.
+        shutil.rmtree(staged / name / "processed", ignore_errors=True)
+        tu = _process_tu(staged, name, node_attr)
+    try:
+        return _from_pyg(tu, name, node_attr, files)
+    except Exception as err:  # the checks should leave nothing here; if not, still one line
+        raise DatasetError(f"could not read TU dataset {name!r} from {src}: {type(err).__name__}: {err}") from err
+
+
+def _from_pyg(tu, name: str, node_attr: bool, files: dict) -> GraphDataset:
     y = tu.y.view(-1).long()
     num_attr = tu.num_node_attributes if node_attr else 0
     xs: List[Tensor] = []
@@ -332,7 +554,8 @@ def load_tu(
         d = tu[i]
         edges.append(d.edge_index.long())
         xs.append(None if d.x is None else d.x.float())
-    info = {"node_input": "labels" + ("+attributes" if num_attr else "")}
+    info = {"node_input": "labels" + ("+attributes" if num_attr else ""),
+            "files": {f"{name}_{part}.txt": hashlib.sha256(data).hexdigest()[:16] for part, data in sorted(files.items())}}
     if xs[0] is None or xs[0].shape[1] == 0:
         cap = max(int(torch.bincount(e[0]).max()) if e.numel() else 0 for e in edges)
         xs = [_degree_onehot(e, int(tu[i].num_nodes), cap) for i, e in enumerate(edges)]
@@ -442,7 +665,7 @@ def stratified_folds(y: Tensor, k: int, seed: int = 0) -> List[Tensor]:
         raise ValueError(f"k must be at least 2 for cross-validation, got {k}")
     if k > len(y):
         raise ValueError(f"k={k} folds need at least {k} graphs, got {len(y)}")
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(generator_seed(int(seed)))
     fold_of = torch.empty(len(y), dtype=torch.long)
     offset = 0
     for c in torch.unique(y):
@@ -458,7 +681,7 @@ def stratified_split(indices: Tensor, y: Tensor, fraction: float, seed: int = 0)
     (at least one graph of a class with two or more)."""
     indices = torch.as_tensor(indices).long()
     y = torch.as_tensor(y).long()
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(generator_seed(int(seed)))
     held, rest = [], []
     for c in torch.unique(y[indices]):
         members = indices[y[indices] == c]

@@ -194,3 +194,115 @@ def test_undirected_flag():
     assert not directed.undirected
     both = GraphDataset("U", [torch.zeros(3, 1)], [torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])], torch.tensor([0]), 1)
     assert both.undirected
+
+
+# --------------------------------------------------------------------------- the cache follows the content
+
+def _tu(tmp_path, graphs=30):
+    from tu_files import write_tu
+
+    return write_tu(tmp_path / "src", "GEN", graphs=graphs)
+
+
+def test_cache_is_keyed_on_the_raw_files_content(tmp_path):
+    from tu_files import edit_lines
+
+    d = _tu(tmp_path)
+    cache = str(tmp_path / "cache")
+    first = load_tu("GEN", str(tmp_path / "src"), cache_dir=cache)
+    # Relabel (swap classes 0 and 1) in place: same folder, same cache, new content.
+    edit_lines(d / "GEN_graph_labels.txt", lambda ls: [{"0": "1", "1": "0"}.get(x, x) for x in ls])
+    relabelled = load_tu("GEN", str(tmp_path / "src"), cache_dir=cache)
+    assert torch.equal(relabelled.y, torch.tensor([{0: 1, 1: 0}.get(int(v), int(v)) for v in first.y]))
+    # Drop the first graph's edges (a "fixed" file): the edges follow.
+    n0 = int(first.num_nodes[0])
+    edit_lines(d / "GEN_A.txt", lambda ls: [x for x in ls if int(x.split(",")[0]) > n0])
+    fixed = load_tu("GEN", str(tmp_path / "src"), cache_dir=cache)
+    assert fixed.edges[0].numel() == 0 and torch.equal(fixed.edges[-1], first.edges[-1])
+    assert first.info["files"]["GEN_A.txt"] != fixed.info["files"]["GEN_A.txt"]
+
+
+def test_a_last_line_without_newline_is_not_dropped(tmp_path):
+    d = _tu(tmp_path)
+    ref = load_tu("GEN", str(tmp_path / "src"), cache_dir=str(tmp_path / "c1"))
+    p = d / "GEN_A.txt"
+    p.write_bytes(p.read_bytes().rstrip(b"\n"))  # PyG's reader silently drops such a line
+    ds = load_tu("GEN", str(tmp_path / "src"), cache_dir=str(tmp_path / "c2"))
+    assert sum(e.shape[1] for e in ds.edges) == sum(e.shape[1] for e in ref.edges)
+
+
+def _truncate(part, keep):
+    def edit(d):
+        p = d / f"GEN_{part}.txt"
+        b = p.read_bytes()
+        p.write_bytes(b[: int(len(b) * keep)])
+    return edit
+
+
+def _replace_line(part, line, text):
+    def edit(d):
+        p = d / f"GEN_{part}.txt"
+        lines = p.read_text().splitlines()
+        lines[line] = text
+        p.write_text("\n".join(lines) + "\n")
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (_truncate("graph_labels", 0.5), ["GEN_graph_labels.txt", "truncated"]),
+        (_truncate("graph_indicator", 0.5), ["GEN_graph_indicator.txt", "truncated"]),
+        (_truncate("node_labels", 0.7), ["GEN_node_labels.txt", "truncated"]),
+        (_truncate("A", 0.5013), ["GEN_A.txt", "line"]),
+        (_truncate("A", 0.0), ["GEN_A.txt", "empty"]),
+        (_replace_line("node_labels", 4, "x"), ["GEN_node_labels.txt", "line 5", "not an integer"]),
+        (_replace_line("A", 2, "1, 2, 3"), ["GEN_A.txt", "line 3"]),
+        (_replace_line("A", 0, "1, 100000"), ["GEN_A.txt", "line 1", "outside"]),
+        (_replace_line("graph_indicator", 0, "2"), ["GEN_graph_indicator.txt", "not sorted"]),
+        (_replace_line("A", 1, ""), ["GEN_A.txt", "line 2 is blank"]),
+    ],
+    ids=["labels-truncated", "indicator-truncated", "node-labels-truncated", "A-cut-mid-line", "A-empty",
+         "junk-node-label", "A-three-values", "A-bad-node", "indicator-unsorted", "A-blank-line"],
+)
+def test_malformed_files_give_a_dataset_error_naming_them(edit, words, tmp_path):
+    d = _tu(tmp_path)
+    edit(d)
+    with pytest.raises(DatasetError) as info:
+        load_tu("GEN", str(tmp_path / "src"), cache_dir=str(tmp_path / "cache"))
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_a_last_graph_without_edges_is_refused(tmp_path):
+    # TUDataset would cut such a graph off (its edge slices end one graph early).
+    from tu_files import edit_lines
+
+    d = _tu(tmp_path)
+    n = len((d / "GEN_graph_indicator.txt").read_text().split())
+    last = (d / "GEN_graph_indicator.txt").read_text().split().index("30") + 1
+    edit_lines(d / "GEN_A.txt", lambda ls: [x for x in ls if int(x.split(",")[0]) < last])
+    with pytest.raises(DatasetError, match="the last graph .30. has no edges in GEN_A.txt"):
+        load_tu("GEN", str(tmp_path / "src"), cache_dir=str(tmp_path / "cache"))
+    assert n > last
+
+
+def test_an_edge_between_two_graphs_is_refused(tmp_path):
+    d = _tu(tmp_path)
+    n = len((d / "GEN_graph_indicator.txt").read_text().split())
+    with open(d / "GEN_A.txt", "a") as f:
+        f.write(f"1, {n}\n")  # node 1 is in graph 1, node n in the last graph
+    with pytest.raises(DatasetError, match="GEN_A.txt line .* joins nodes of two graphs"):
+        load_tu("GEN", str(tmp_path / "src"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_fingerprint_names_what_the_data_are():
+    from diffpool_fast.data import fingerprint
+
+    a, b = make_synthetic(30, seed=1), make_synthetic(30, seed=1)
+    assert fingerprint(a) == fingerprint(b)
+    c = a.subset(range(30))
+    c.y = c.y.flip(0)
+    fa, fc = fingerprint(a), fingerprint(c)
+    assert fa["labels_sha256"] != fc["labels_sha256"]
+    assert fa["edges_sha256"] == fc["edges_sha256"] and fa["features_sha256"] == fc["features_sha256"]

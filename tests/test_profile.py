@@ -262,3 +262,72 @@ def test_model_profile_times_a_training_step(tmp_path, capsys):
         assert r["peak_bytes"] != "" and int(r["params"]) > 0
         assert r["min_nodes"] == "20" and r["max_nodes"] == "40"
     assert "graphs/s" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ nothing to run, a busy machine
+
+TINY_PROFILE = ["profile", "--device", "cpu", "--batch", "2", "--nodes", "16", "--features", "4",
+                "--repeats", "1", "--warmup", "0", "--no-memory"]
+
+
+@pytest.fixture
+def idle_machine(monkeypatch):
+    """A load average of 0, so that this machine's real load adds no warning to the output."""
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+
+
+@pytest.mark.parametrize("model", [False, True], ids=["coarsening", "model"])
+def test_triton_alone_on_cpu_is_a_clear_error(model, tmp_path, capsys, idle_machine):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "p"
+    rc = cli.main(TINY_PROFILE + ["--backend", "triton", "--out", str(out)] + (["--model"] if model else []))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("diffpool-fast profile: error: nothing to profile on cpu") and "CUDA" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()  # no empty table, no empty plots
+
+
+def test_nothing_measured_is_a_nonzero_exit_without_plots(tmp_path, capsys, monkeypatch, idle_machine):
+    from diffpool_fast.profiling import run as profile_run
+
+    def broken(*a, **k):
+        raise RuntimeError("backend exploded")
+
+    monkeypatch.setattr(profile_run, "time_once", broken)
+    out = tmp_path / "p"
+    rc = cli.main(TINY_PROFILE + ["--backend", "torch", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "nothing was measured" in captured.err
+    assert all(r["status"] == "error" and "exploded" in r["reason"] for r in _rows(out / "profile.csv"))
+    assert not list(out.glob("*.png"))
+
+
+def test_a_busy_machine_lowers_the_threads_and_is_recorded(tmp_path, capsys, monkeypatch):
+    import json
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 7.0, 7.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        argv = TINY_PROFILE + ["--backend", "torch"]
+        assert cli.main(argv + ["--out", str(tmp_path / "a")]) == 0
+        err = capsys.readouterr().err
+        assert "the machine is busy (load average 7.0 on 8 cores): using 1 torch thread(s) instead of 4" in err
+        rows = _rows(tmp_path / "a" / "profile.csv")
+        assert rows and all(r["load_avg"] == "7.00" and r["threads"] == "1" for r in rows)
+        assert json.loads((tmp_path / "a" / "meta.json").read_text())["load_avg"] == "7.00"
+        # --threads is obeyed, with a warning that the timings share cores
+        assert cli.main(argv + ["--threads", "3", "--out", str(tmp_path / "b")]) == 0
+        err = capsys.readouterr().err
+        assert "warning: the machine is busy" in err and torch.get_num_threads() == 3
+        assert {r["threads"] for r in _rows(tmp_path / "b" / "profile.csv")} == {"3"}
+    finally:
+        torch.set_num_threads(before)

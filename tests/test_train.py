@@ -134,9 +134,140 @@ def test_cuda_request_without_cuda(tmp_path, capsys):
 
 
 def test_auto_threads_leave_busy_cores_alone():
-    from diffpool_fast.train.loop import auto_threads
+    from diffpool_fast.profiling.provenance import auto_threads
 
     assert auto_threads(2, 2, 0.1) == 2
     assert auto_threads(2, 2, 1.2) == 1  # one other busy process on a 2-core machine
     assert auto_threads(2, 2, 5.0) == 1  # never below one
     assert auto_threads(4, 16, 3.0) == 4  # plenty idle: torch's default
+
+
+def test_train_and_profile_share_the_load_check(monkeypatch, capsys):
+    # One helper (profiling.provenance) for both commands, not two copies.
+    from diffpool_fast.profiling import provenance
+
+    assert train.auto_threads is provenance.auto_threads
+    calls = []
+    monkeypatch.setattr(provenance, "fit_threads_to_load", lambda *a, **k: calls.append(a) or (1, None))
+    from diffpool_fast.errors import UsageError
+
+    with pytest.raises(UsageError):  # stops at the missing dataset, after the thread choice
+        train.run(cli.build_parser().parse_args(["train", "--dataset", "NOPE", "--data-root", "/nonexistent",
+                                                 "--out", "/nonexistent/o"]))
+    assert calls and calls[0][0] == "train"
+
+
+# --------------------------------------------------------------------------- resume semantics (options)
+
+def _stopped_run(tmp_path, extra=(), after="2"):
+    out = tmp_path / "run"
+    assert cli.main(SMALL + ["--threads", "1", "--out", str(out), "--stop-after", after] + list(extra)) == 0
+    return out
+
+
+def test_resume_takes_the_options_from_the_saved_run(tmp_path, capsys):
+    ref = tmp_path / "ref"
+    assert cli.main(SMALL + ["--threads", "1", "--out", str(ref)]) == 0
+    out = _stopped_run(tmp_path)
+    # exactly the form the README and the --stop-after hint give
+    assert cli.main(["train", "--resume", "--out", str(out), "--progress", "off"]) == 0
+    assert _rows(out) == _rows(ref)
+    a, b = _last_model(out), _last_model(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"] == json.loads((ref / "results.json").read_text())["config"]
+
+
+def test_resume_refuses_a_conflicting_option_even_when_it_is_the_default(tmp_path, capsys):
+    out = _stopped_run(tmp_path, after="1")
+    before = (out / "metrics.csv").read_bytes()
+    capsys.readouterr()
+    # --hidden 64 is the parser's default, the run has 8: given explicitly, it conflicts
+    assert cli.main(["train", "--resume", "--out", str(out), "--hidden", "64", "--epochs", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--hidden: 8 -> 64" in err and "--epochs: 3 -> 5" in err and len(err.strip().splitlines()) == 1
+    # repeating an option with the saved value, and changing a runtime-only one, are fine
+    assert cli.main(["train", "--resume", "--out", str(out), "--hidden", "8", "--progress", "off",
+                     "--stop-after", "1"]) == 0
+    assert len(_rows(out)) == 2 and (out / "metrics.csv").read_bytes().startswith(before)
+
+
+def test_resume_refuses_another_package_version(tmp_path, monkeypatch, capsys):
+    from diffpool_fast.profiling import provenance
+
+    out = _stopped_run(tmp_path, after="1")
+    capsys.readouterr()
+    monkeypatch.setattr(provenance, "package_version", lambda: "9.9.9")
+    assert cli.main(["train", "--resume", "--out", str(out), "--progress", "off"]) == 2
+    err = capsys.readouterr().err
+    assert "started by diffpool_fast 0." in err and "this is 9.9.9" in err
+    assert not (out / "results.json").exists() and len(_rows(out)) == 1
+
+
+# --------------------------------------------------------------------------- checkpoints that do not fit
+
+def _edit_checkpoint(path, edit):
+    """Rewrite a checkpoint with ``edit(state)`` applied, its digest recomputed: a well-formed
+    file whose content is wrong, as another program or version could write it."""
+    from diffpool_fast.train.checkpoint import save_checkpoint
+
+    state = torch.load(path, weights_only=False)
+    edit(state)
+    save_checkpoint(path, state)
+
+
+def _shape(state):
+    k = next(k for k, v in state["model"].items() if v.dim() == 2)
+    state["model"][k] = torch.zeros(3, 3)
+
+
+def _fold(value):
+    return lambda st: st.update(fold=value)
+
+
+def _drop(key):
+    return lambda st: st.pop(key)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (_drop("history"), ["lacks history"]),
+        (_drop("optimizer"), ["lacks optimizer"]),
+        (_shape, ["saved model does not fit", "size mismatch"]),
+        (_fold(7), ["fold 7 is outside"]),
+        (_fold(2), ["inconsistent"]),
+        (lambda st: st.update(epoch=9), ["epoch 9 is outside"]),
+        (lambda st: st["history"].pop(), ["history rows"]),
+        (lambda st: st.update(model=None), ["not all present"]),
+        (lambda st: st["optimizer"]["state"][0].update(exp_avg=torch.zeros(2)), ["optimizer's exp_avg has shape"]),
+        (lambda st: st.update(config="x"), ["'config' is a str"]),
+    ],
+    ids=["no-history", "no-optimizer", "model-shape", "fold-out-of-range", "fold-past-history", "epoch-out-of-range",
+         "history-short", "model-missing", "optimizer-shape", "config-type"],
+)
+def test_a_checkpoint_with_the_wrong_structure_is_refused(edit, words, tmp_path, capsys):
+    out = _stopped_run(tmp_path)
+    _edit_checkpoint(out / "checkpoint.pt", edit)
+    metrics = (out / "metrics.csv").read_bytes()
+    capsys.readouterr()
+    try:  # the options repeated, so that only the checkpoint can be at fault
+        code = cli.main(SMALL + ["--threads", "1", "--resume", "--out", str(out)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (out / "results.json").exists()
+    assert (out / "metrics.csv").read_bytes() == metrics  # the folder is left as it was
+
+
+def test_stale_temporary_files_are_removed(tmp_path, capsys):
+    out = _stopped_run(tmp_path, after="1")
+    dead = out / ".checkpoint.pt.tmp999999999"  # no such process
+    dead.write_bytes(b"x" * 1000)
+    assert cli.main(SMALL + ["--threads", "1", "--resume", "--out", str(out), "--stop-after", "1"]) == 0
+    assert not dead.exists()
+    assert not list(out.glob(".*.tmp*"))

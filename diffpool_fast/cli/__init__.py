@@ -6,7 +6,9 @@ it adds its parser and sets ``func``, which calls the library (``diffpool_fast.t
 imported inside ``func``, so that ``diffpool-fast --help`` stays fast.
 
 Errors: the library raises :class:`diffpool_fast.errors.UsageError` (bad options, unreadable
-files, datasets that cannot be loaded); here it becomes one line on stderr and exit code 2.
+files, datasets that cannot be loaded); here it becomes one line on stderr and exit code 2. An
+``OSError`` that reaches this far (a file the library did not expect to fail) is one line too,
+exit code 1; Ctrl-C is exit code 130.
 """
 from __future__ import annotations
 
@@ -26,12 +28,24 @@ SUBCOMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage block is what ``--help`` is for), like
+    the library's errors."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ..profiling.provenance import package_version
+
+    parser = _Parser(
         prog="diffpool-fast",
         description="Fast, memory-lean DiffPool: coarsening kernels, training and profiling.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -54,6 +68,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as err:
         print(f"diffpool-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        print(f"diffpool-fast {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"diffpool-fast {args.command}: interrupted", file=sys.stderr)
         return 130

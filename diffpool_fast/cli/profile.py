@@ -16,54 +16,56 @@ def register(sub) -> None:
         help="time, throughput and peak memory of dense coarsening, backend by backend",
         description=_description(),
     )
-    p.add_argument("--batch", type=int, default=16, help="graphs per batch (default 16)")
+    p.add_argument("--batch", type=int, default=16, help="graphs per batch (default: %(default)s)")
     p.add_argument("--nodes", default="128,256,512,1024",
-                   help="padded nodes per graph: one value or a comma list (default 128,256,512,1024)")
+                   help="padded nodes per graph: one value or a comma list (default: %(default)s)")
     p.add_argument("--clusters", default="0.25",
-                   help="clusters: a count (128) or a ratio of nodes (0.25, the default)")
-    p.add_argument("--features", type=int, default=64, help="features per node (default 64)")
-    p.add_argument("--dtype", default="float32", help=f"x and s dtype: {', '.join(FLOAT_DTYPES)}")
+                   help="clusters: a count (128) or a ratio of nodes (0.25); at most --nodes (default: %(default)s)")
+    p.add_argument("--features", type=int, default=64, help="features per node (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", help=f"x and s dtype: {', '.join(FLOAT_DTYPES)} (default: %(default)s)")
     p.add_argument("--adj-dtype", default="same",
-                   help=f"adjacency dtype: same (as --dtype) or one of {', '.join(ADJ_DTYPES)}")
-    p.add_argument("--mode", default="full", help="fwd, bwd, full, or a comma list (default full)")
+                   help=f"adjacency dtype: same (as --dtype) or one of {', '.join(ADJ_DTYPES)} (default: %(default)s)")
+    p.add_argument("--mode", default="full", help="fwd, bwd, full, or a comma list (default: %(default)s)")
     p.add_argument("--backend", default="all",
-                   help=f"{', '.join(PROFILE_BACKENDS)}, all, or a comma list (default all)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per backend (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
-    p.add_argument("--density", type=float, default=0.05, help="edge probability (default 0.05)")
+                   help=f"{', '.join(PROFILE_BACKENDS)}, all, or a comma list (default: %(default)s)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when available (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per backend (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: %(default)s)")
+    p.add_argument("--density", type=float, default=0.05, help="edge probability (default: %(default)s)")
     p.add_argument("--adj-symmetric", action="store_true",
                    help="tell our backends the (generated, undirected) adjacency is symmetric: "
-                        "dense_diff_pool(..., adj_symmetric=True), no backward pass over adj")
+                        "dense_diff_pool(..., adj_symmetric=True), no backward pass over adj (default: off)")
     p.add_argument("--no-mask", action="store_true",
-                   help="no padding mask (default: graphs of N/2..N real nodes, padded to N)")
+                   help="no padding mask (default: a mask; graphs of N/2..N real nodes, padded to N)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads, here and in the memory workers (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default runs/profile-<time>)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+                   help="torch CPU threads, here and in the memory workers (default: torch's, lowered to the "
+                        "cores other processes leave idle)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/profile-<time>)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (default: measure it)")
     p.add_argument("--accuracy", action="store_true",
-                   help="also measure each backend's error against a float64 reference")
+                   help="also measure each backend's error against a float64 reference (default: off)")
     p.add_argument("--max-batch", default=None, metavar="BYTES",
-                   help="also find the largest batch each backend fits in BYTES (e.g. 8GiB)")
+                   help="also find the largest batch each backend fits in BYTES, e.g. 8GiB (default: off)")
     p.add_argument("--peak-bandwidth", type=float, default=None, metavar="GB/s",
                    help="device bandwidth for the floor (default: datasheet on known GPUs, "
                         "measured otherwise)")
     p.add_argument("--peak-tflops", type=float, default=None, metavar="TF/s",
-                   help="device matmul rate for the floor (same default)")
+                   help="device matmul rate for the floor (default: as for --peak-bandwidth)")
     p.add_argument("--from-csv", default=None, metavar="CSV",
                    help="only redraw profile.md and the plots from an earlier profile.csv "
-                        "(into --out, default the CSV's folder)")
+                        "into --out (default: off; --out defaults to the CSV's folder)")
     p.add_argument("--model", action="store_true",
                    help="time a training step (forward, backward, Adam) of the full DiffPool "
                         "classifier instead: --nodes is the largest graph, --features the input "
-                        "channels; see also --graphs, --min-nodes, --classes, --hidden")
+                        "channels; see also --graphs, --min-nodes, --classes, --hidden (default: off)")
     p.add_argument("--graphs", type=int, default=None,
                    help="--model: graphs per batch (default: --batch)")
     p.add_argument("--min-nodes", type=int, default=None,
                    help="--model: smallest graph (default: half of the largest)")
-    p.add_argument("--classes", type=int, default=2, help="--model: classes (default 2)")
-    p.add_argument("--hidden", type=int, default=64, help="--model: hidden channels (default 64)")
+    p.add_argument("--classes", type=int, default=2, help="--model: classes (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=64, help="--model: hidden channels (default: %(default)s)")
     p.set_defaults(func=_run)
 
 

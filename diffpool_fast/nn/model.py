@@ -304,7 +304,10 @@ class DiffPoolClassifier(nn.Module):
         dropout: dropout on the readout and in the head. batch_norm: normalisation after every
             GNN layer: True/"batch" (batch norm over real nodes; statistics from the batch, so
             batches of one graph size bias them when the class correlates with size), "layer"
-            (per-node layer norm) or False/"none".
+            (per-node layer norm) or False/"none". The default here is batch norm (True), as in
+            PyG's example; ``diffpool-fast train`` defaults to ``--norm none`` instead, because
+            its default batching is size-bucketed: pass ``batch_norm="none"`` to build the model
+            that command trains by default.
         link_weight, ent_weight: weights of the auxiliary losses.
         link_norm: link-loss scaling passed to ``dense_diff_pool`` (default ``"graph"``).
         backend: coarsening backend, ``"auto"``, ``"torch"`` or ``"triton"``.

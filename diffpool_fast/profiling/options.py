@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 from ..errors import UsageError
 from .costmodel import ADJ_DTYPES, FLOAT_DTYPES, MODES, PROFILE_BACKENDS, Shape
-from .provenance import command_line
+from .provenance import command_line, fit_threads_to_load
 
 DTYPE_ALIASES = {
     "fp32": "float32", "float": "float32", "f32": "float32",
@@ -113,14 +113,14 @@ def check_density(density: float) -> None:
         raise UsageError(f"--density must be in [0, 1], got {density}")
 
 
-def set_threads(args) -> None:
-    """``--threads``: torch's CPU threads in this process (the workers get the same count)."""
-    import torch
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+def set_threads(args) -> Optional[float]:
+    """``--threads``: torch's CPU threads in this process (the workers get the same count).
+    Without it, torch's default lowered to the cores other processes leave idle, as ``train``
+    does (:func:`~diffpool_fast.profiling.provenance.fit_threads_to_load`); with it, a warning
+    when the machine is busy. Returns the 1-minute load average (None where unknown)."""
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    return fit_threads_to_load("profile", args.threads)[1]
 
 
 def resolve_device(requested: str) -> str:
@@ -153,6 +153,8 @@ class Config:
     peak_bandwidth: Optional[float]
     peak_tflops: Optional[float]
     command: str
+    #: the 1-minute load average before the profile started (None where unknown)
+    load_avg: Optional[float] = None
 
 
 def build_config(args) -> Config:
@@ -161,7 +163,7 @@ def build_config(args) -> Config:
     if args.warmup < 0:
         raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
     check_density(args.density)
-    set_threads(args)
+    load_avg = set_threads(args)
     nodes = int_list(args.nodes, "--nodes")
     dtype = parse_dtype(args.dtype, "--dtype", FLOAT_DTYPES)
     adj_dtype = dtype if args.adj_dtype.strip().lower() == "same" else parse_dtype(
@@ -186,5 +188,5 @@ def build_config(args) -> Config:
         memory=not args.no_memory, accuracy=args.accuracy,
         max_batch=parse_bytes(args.max_batch) if args.max_batch is not None else None,
         peak_bandwidth=args.peak_bandwidth, peak_tflops=args.peak_tflops,
-        command=command_line(args),
+        command=command_line(args), load_avg=load_avg,
     )

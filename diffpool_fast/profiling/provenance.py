@@ -3,6 +3,11 @@
 Every row ``diffpool-fast profile`` writes carries these, and ``diffpool-fast train`` records
 ``versions()`` with its results, so that a number can be traced to the software and machine
 that produced it.
+
+The machine's load is part of that provenance: ``train`` and ``profile`` both call
+:func:`fit_threads_to_load`, which lowers torch's thread count when other processes keep cores
+busy (spinning OpenMP threads sharing a core with another busy process make a step one to two
+orders of magnitude slower, see bench/notes/threads_under_load.md) and says so.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import os
 import platform
 import shlex
 import sys
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from . import costmodel
 
@@ -30,6 +35,17 @@ def versions() -> Dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def package_version() -> str:
+    """The installed diffpool_fast's version (what a checkpoint records and ``--version``
+    prints); ``"unknown"`` when it is run from a tree that was never installed."""
+    import importlib.metadata as md
+
+    try:
+        return md.version("diffpool_fast")
+    except md.PackageNotFoundError:
+        return "unknown"
 
 
 def device_name(device: str) -> str:
@@ -80,3 +96,55 @@ def command_line(args) -> str:
         flag = "--" + key.replace("_", "-")
         parts += [flag] if value is True else [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (runnable processes, this one included), None where the
+    platform has no such figure."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return None
+
+
+def auto_threads(default: int, cpu_count: int, load: float) -> int:
+    """Torch threads when ``--threads`` is not given: torch's ``default``, lowered to the cores
+    the other runnable processes leave idle (``cpu_count - round(load)``, at least 1): spinning
+    OpenMP threads that share a core with another busy process slow a step down by far more
+    than one thread fewer costs (bench/notes/threads_under_load.md).
+    """
+    return max(1, min(default, cpu_count - int(round(load))))
+
+
+def fit_threads_to_load(command: str, requested: Optional[int] = None,
+                        warn: bool = True) -> Tuple[int, Optional[float]]:
+    """Set torch's CPU threads for ``diffpool-fast COMMAND`` and return ``(threads, load)``.
+
+    ``requested`` (``--threads``) is used as given, with a warning on stderr (if ``warn``) when
+    the load leaves fewer idle cores than that; without it, torch's default is lowered to the idle cores
+    (:func:`auto_threads`), with a note, unless ``OMP_NUM_THREADS`` chose the count. ``load`` is
+    the 1-minute load average measured before this command started working (None where the
+    platform has none), for the command to record next to its timings.
+    """
+    import torch
+
+    load = load_average()
+    cores = os.cpu_count() or torch.get_num_threads()
+    if requested is not None:
+        torch.set_num_threads(requested)
+        if warn and load is not None and requested > cores - int(round(load)):
+            print(f"diffpool-fast {command}: warning: the machine is busy (load average {load:.1f} on "
+                  f"{cores} cores): {requested} torch thread(s) share cores with other processes, "
+                  "so timings are slower and noisier than on an idle machine", file=sys.stderr)
+        return torch.get_num_threads(), load
+    default = torch.get_num_threads()
+    if load is None or os.environ.get("OMP_NUM_THREADS"):
+        return default, load  # no load figure here, or the user chose through OpenMP
+    n = auto_threads(default, cores, load)
+    if n < default:
+        print(f"diffpool-fast {command}: the machine is busy (load average {load:.1f} on {cores} cores): "
+              f"using {n} torch thread(s) instead of {default} (--threads N to choose)", file=sys.stderr)
+        torch.set_num_threads(n)
+    return torch.get_num_threads(), load

@@ -11,6 +11,15 @@ PyG's ``dense_diff_pool`` measured in the same run. The backends and modes are d
 
 This module runs the command: :func:`run` takes the parsed arguments and hands ``--model`` to
 ``model_step`` and ``--from-csv`` to ``report``; :func:`profile` runs a :class:`Config`.
+
+Exit codes: 0 when at least one backend was measured; a ``UsageError`` (exit 2) when none of
+the requested backends can run here (e.g. ``--backend triton`` without a GPU); 1 when every
+measurement was skipped or failed (the CSV and markdown still say why, no plots are drawn).
+
+A busy machine makes CPU timings unreliable (the same shape at 0.6 ms, then 70 ms): as ``train``
+does, the thread count is lowered to the idle cores when ``--threads`` is not given, with a note,
+and a warning is printed when it is; the 1-minute load average at the start is recorded in
+meta.json and in every CSV row (``load_avg``).
 """
 from __future__ import annotations
 
@@ -22,18 +31,36 @@ from dataclasses import asdict
 from typing import Dict, List, Tuple
 
 from ..config import BACKEND_ENV
+from ..errors import UsageError
 from . import costmodel
 from .accuracy import accuracy_markdown, measure_accuracy
 from .costmodel import Shape
-from .harness import (BACKEND_LABELS, Backend, Timer, first_line, make_backend, make_inputs,
-                      time_once, triton_unsupported)
+from .harness import (
+    BACKEND_LABELS,
+    Backend,
+    Timer,
+    first_line,
+    make_backend,
+    make_inputs,
+    time_once,
+    triton_unsupported,
+)
 from .max_batch import max_batch_all, max_batch_markdown
 from .memory import cpu_peak_supported, cpu_peaks_subprocess, cuda_peaks
 from .model_step import run_model
 from .options import Config, build_config
 from .provenance import device_name, device_spec, versions
-from .report import (COLUMNS, Row, Writer, markdown_header, markdown_table, plot,
-                     render_from_csv, terminal_table, write_csv)
+from .report import (
+    COLUMNS,
+    Row,
+    Writer,
+    markdown_header,
+    markdown_table,
+    plot,
+    render_from_csv,
+    terminal_table,
+    write_csv,
+)
 
 __all__ = ["Config", "build_config", "run", "profile", "profile_shape"]
 
@@ -41,20 +68,51 @@ __all__ = ["Config", "build_config", "run", "profile", "profile_shape"]
 def run(args) -> int:
     """``diffpool-fast profile`` with parsed arguments: exit code 0, or raises UsageError."""
     if args.model:
-        return run_model(args)
+        return _run_model(args)
     if args.from_csv:
         return render_from_csv(args.from_csv, args.out)
     return profile(build_config(args))
 
 
+def _run_model(args) -> int:
+    """``--model``, with the same exit codes as the coarsening profile: an error when only the
+    Triton backend is asked for where it cannot run, 1 when no backend was measured."""
+    import csv
+
+    from .harness import triton_unavailable
+    from .model_step import MODEL_BACKENDS
+    from .options import choice_list, resolve_device
+
+    wanted = choice_list(args.backend, "backend", MODEL_BACKENDS, all_=True)
+    device = resolve_device(args.device)
+    reason = triton_unavailable(device)
+    if wanted == ["triton"] and reason:
+        raise UsageError(f"nothing to profile on {device}: ours (triton): {reason}")
+    rc = run_model(args)
+    path = os.path.join(args.out or os.path.join("runs", "profile-model"), "model_profile.csv")
+    if rc == 0 and os.path.isfile(path):
+        with open(path, newline="") as f:
+            if not any(r.get("status") == "ok" for r in csv.DictReader(f)):
+                print("diffpool-fast profile: nothing was measured: every backend was skipped or failed "
+                      "(see the table)", file=sys.stderr)
+                return 1
+    return rc
+
+
 def profile(cfg: Config) -> int:
     """Measure every shape of ``cfg``; write profile.csv (row by row), profile.md, meta.json,
-    the plots and the optional accuracy and max-batch tables to ``cfg.out``. Returns 0."""
+    the plots and the optional accuracy and max-batch tables to ``cfg.out``. Returns 0, or 1
+    when nothing could be measured; raises UsageError when no requested backend can run here."""
     import torch
     from tqdm import tqdm
 
     if os.environ.pop(BACKEND_ENV, None):
         print(f"note: ignoring {BACKEND_ENV} (each backend is chosen explicitly here)")
+    backends = {b: make_backend(b, cfg.device, cfg.shapes[0]) for b in cfg.backends}
+    if not any(b.available for b in backends.values()):
+        # Nothing can run: an error before anything is written, not an empty table and plots.
+        reasons = "; ".join(f"{BACKEND_LABELS[b.name]}: {b.reason}" for b in backends.values())
+        raise UsageError(f"nothing to profile on {cfg.device}: no requested backend can run here ({reasons})")
     os.makedirs(cfg.out, exist_ok=True)
     dev_name = device_name(cfg.device)
     spec = device_spec(cfg.device, dev_name, cfg.peak_bandwidth, cfg.peak_tflops)
@@ -64,7 +122,8 @@ def profile(cfg: Config) -> int:
             f"{spec.rate(cfg.shapes[0].dtype) / 1e12:.2f} TF/s, {spec.source}",
             "threads": threads, "python": vers["python"], "torch": vers["torch"],
             "triton": vers["triton"], "torch_geometric": vers["torch_geometric"],
-            "command": cfg.command}
+            "command": cfg.command,
+            "load_avg": "" if cfg.load_avg is None else f"{cfg.load_avg:.2f}"}
     with open(os.path.join(cfg.out, "meta.json"), "w") as f:
         json.dump({**meta, "versions": vers, "config": {
             k: v for k, v in asdict(cfg).items() if k != "shapes"},
@@ -79,7 +138,9 @@ def profile(cfg: Config) -> int:
         print(f"CUDA timings: CUDA events, backends interleaved, median of {cfg.repeats} after "
               f"{cfg.warmup} warm-up; peak memory: CUDA allocator max_memory_allocated above inputs")
 
-    backends = {b: make_backend(b, cfg.device, cfg.shapes[0]) for b in cfg.backends}
+    if cfg.load_avg is not None:
+        print(f"machine load at the start: {cfg.load_avg:.2f} (1-minute average) on {os.cpu_count()} cores, "
+              f"{threads} torch thread(s)")
     for b in backends.values():
         if not b.available:
             print(f"skipped: {BACKEND_LABELS[b.name]}: {b.reason}")
@@ -87,7 +148,7 @@ def profile(cfg: Config) -> int:
     if cpu_mem_reason:
         print(f"note: peak memory not measured: {cpu_mem_reason}")
 
-    writer = Writer(os.path.join(cfg.out, "profile.csv"), COLUMNS)
+    writer = Writer(os.path.join(cfg.out, "profile.csv"), COLUMNS + [k for k in meta if k not in COLUMNS])
     records: List[Dict[str, object]] = []
     accuracy_rows: List[Dict[str, object]] = []
     timer = Timer(cfg.device)
@@ -132,16 +193,22 @@ def profile(cfg: Config) -> int:
     title = (f"B={cfg.shapes[0].batch} F={cfg.shapes[0].features} clusters "
              f"{'/'.join(str(s.clusters) for s in cfg.shapes)} {cfg.shapes[0].dtype} "
              f"adj {cfg.shapes[0].adj_dtype} on {dev_name}")
-    try:
-        paths = plot(records, cfg.out, title)
-    except ImportError as err:
-        paths = []
-        print(f"note: no plots ({first_line(err)}; pip install matplotlib)")
+    measured = any(r["status"] == "ok" for r in records)
+    paths = []
+    if measured:
+        try:
+            paths = plot(records, cfg.out, title)
+        except ImportError as err:
+            print(f"note: no plots ({first_line(err)}; pip install matplotlib)")
     print()
     print(f"wrote {cfg.out}/: profile.csv, profile.md, meta.json"
           + "".join(f", {os.path.basename(p)}" for p in paths)
           + (", accuracy.csv" if accuracy_rows else "")
           + (", max_batch.csv" if cfg.max_batch is not None else ""))
+    if not measured:
+        print("diffpool-fast profile: nothing was measured: every backend was skipped or failed "
+              "(see the reasons above); no plots", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,15 +10,18 @@ stratified split: 10% test, then ``--val-fraction`` of the rest for validation.
 
 Every epoch appends a row to ``OUT/metrics.csv`` (flushed) and rewrites ``OUT/checkpoint.pt``
 atomically (temp file + os.replace): model, optimizer, RNG states, fold, epoch and all metrics so
-far. Each epoch's batch order and dropout draw from (seed, fold, epoch) only, so ``--resume``
-continues an interrupted run to bit-for-bit the result of an uninterrupted one (same machine,
-same thread count). ``OUT/results.json`` holds per-fold and mean +- std test accuracy (std over
-folds, ddof=0), epochs, time per epoch and the full configuration.
+far, the options, the dataset's fingerprint and the package version (a first checkpoint is
+written before the first epoch). Each epoch's batch order and dropout draw from (seed, fold,
+epoch) only, so ``--resume --out OUT`` continues an interrupted run to bit-for-bit the result of
+an uninterrupted one (same machine, same thread count: the resume keeps the run's). It takes the
+options from the checkpoint and refuses conflicting ones, other data, another package version
+and a damaged or inconsistent checkpoint (``resume``), before writing anything. ``OUT/results.json``
+holds per-fold and mean +- std test accuracy (std over folds, ddof=0), epochs, time per epoch and
+the full configuration.
 """
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import platform
@@ -27,19 +30,28 @@ import time
 from pathlib import Path
 
 from ..config import triton_interpreting
-from ..errors import DatasetError, UsageError
-from .checkpoint import CHECKPOINT, CKPT_VERSION, rng_state, save_checkpoint, set_rng_state, write_json
+from ..errors import UsageError
+from ..profiling import provenance
+from ..profiling.provenance import auto_threads  # noqa: F401  (its home before it was shared)
+from . import resume
+from .checkpoint import (
+    CHECKPOINT,
+    CKPT_VERSION,
+    METRIC_FIELDS,
+    WriteError,
+    load_checkpoint,
+    remove_stale_temps,
+    rng_state,
+    save_checkpoint,
+    write_json,
+    write_text,
+)
 
 METRICS = "metrics.csv"
 RESULTS = "results.json"
 
-METRIC_FIELDS = [
-    "fold", "epoch", "train_loss", "train_ce", "train_link", "train_ent", "train_acc",
-    "val_loss", "val_acc", "test_loss", "test_acc", "train_seconds", "epoch_seconds",
-]
-
 # Options that do not change what a run computes: they may differ between a run and its resume.
-_RUNTIME_ONLY = {"out", "resume", "stop_after", "progress", "func", "command", "threads", "data_root", "cache_dir", "download"}
+_RUNTIME_ONLY = resume.RUNTIME_ONLY
 
 PROTOCOL = (
     "stratified {k}-fold cross-validation; in each fold a stratified {vf:.0%} of the training "
@@ -51,6 +63,7 @@ PROTOCOL = (
 # --------------------------------------------------------------------------- helpers
 
 def _validate(args) -> None:
+    """The checks argparse's types cannot make (or a Python caller skipped)."""
     if not 0.0 < args.val_fraction < 0.5:
         raise UsageError(f"--val-fraction must be in (0, 0.5), got {args.val_fraction}")
     if not 0.0 <= args.dropout < 1.0:
@@ -59,29 +72,14 @@ def _validate(args) -> None:
         raise UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
     if args.levels < 0:
         raise UsageError(f"--levels must be >= 0, got {args.levels}")
-
-
-def auto_threads(default: int, cpu_count: int, load: float) -> int:
-    """Torch threads when ``--threads`` is not given: torch's ``default``, lowered to the cores
-    the other runnable processes leave idle (``cpu_count - round(load)``, at least 1): spinning
-    OpenMP threads that share a core with another busy process slow an epoch down by far more
-    than one thread fewer costs (bench/notes/threads_under_load.md).
-    """
-    return max(1, min(default, cpu_count - int(round(load))))
-
-
-def _fit_threads_to_load() -> None:
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
-        return  # the user chose, or no load figure on this platform
-    default = torch.get_num_threads()
-    load = os.getloadavg()[0]
-    n = auto_threads(default, os.cpu_count() or default, load)
-    if n < default:
-        print(f"diffpool-fast train: the machine is busy (load average {load:.1f} on {os.cpu_count()} cores): "
-              f"using {n} torch thread(s) instead of {default} (--threads N to choose)", file=sys.stderr)
-        torch.set_num_threads(n)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    for name in ("weight_decay", "clip", "link_weight", "ent_weight"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
 
 
 def _adam(model, lr, weight_decay):
@@ -232,11 +230,68 @@ def _fold_splits(ds, k, val_fraction, seed):
 
 
 def _rewrite_metrics(path: Path, rows) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r[k] for k in METRIC_FIELDS})
+    """metrics.csv holding exactly ``rows``, replaced atomically (a kill keeps the old file)."""
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in METRIC_FIELDS})
+    write_text(path, buf.getvalue())
+
+
+def _prepare_out(out: Path) -> bool:
+    """Create ``out`` and make sure files can be written in it; True when it was created here.
+    A clear error for an ``--out`` that is a file, lies under a file or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        above = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        raise UsageError(f"--out {out}: {above or 'a folder above it'} is a file, not a folder") from None
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create the folder: {err.strerror or err}") from None
+    probe = out / f".write-test{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--out {out} is not writable: {err.strerror or err}") from None
+    return created
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    try:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow({k: row[k] for k in METRIC_FIELDS})
+            f.flush()
+    except OSError as err:
+        raise WriteError(f"cannot write {path}: {err.strerror or err} (the checkpoint holds every epoch so far; "
+                         "--resume rewrites this file from it)") from None
+
+
+def _check_splits(splits, n_graphs: int, args) -> None:
+    """Every fold needs graphs to train on, to select the epoch with and to test: an empty set
+    gives a crash or, worse, an accuracy of nothing."""
+    for f, (tr, va, te) in enumerate(splits):
+        for part, idx in (("training", tr), ("validation", va), ("test", te)):
+            if len(idx) == 0:
+                raise UsageError(f"the dataset has {n_graphs} graphs, too few for {args.folds} fold(s) with "
+                                 f"--val-fraction {args.val_fraction}: fold {f + 1} has no {part} graph")
+
+
+def _warn_clusters(clusters, max_nodes: int) -> None:
+    """Explicit cluster counts above the nodes they pool run, but pad instead of coarsening."""
+    prev, what = max_nodes, "nodes of the largest graph"
+    for level, c in enumerate(clusters or [], 1):
+        if c > prev:
+            print(f"diffpool-fast train: warning: --clusters: level {level} has {c} clusters, more than the "
+                  f"{prev} {what}: that level adds clusters instead of coarsening (did you mean fewer?)",
+                  file=sys.stderr)
+        prev, what = c, f"clusters of level {level}"
 
 
 def _output_dir(args) -> Path:
@@ -260,54 +315,35 @@ def _output_dir(args) -> Path:
 
 # --------------------------------------------------------------------------- main
 
-def run(args) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..data import DenseLoader, load_dataset
-    from ..nn.model import cluster_counts
-
+def _open_run(args, out: Path):
+    """The checkpoint of a resumed run, its options merged into ``args`` and its header checked
+    (nothing read from the data yet, nothing written); None for a new run."""
+    ckpt_path = out / CHECKPOINT
+    if not args.resume:
+        if ckpt_path.exists() or (out / RESULTS).exists():
+            raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        return None
+    if not ckpt_path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
+    state = load_checkpoint(ckpt_path)
+    resume.check_fields(state, ckpt_path)
+    resume.check_version(state, provenance.package_version(), out)
+    resume.merge_options(args, state["config"], _run_config(args), getattr(args, "explicit", None), out)
+    state["notes"] = resume.keep_runtime(args, state["runtime"])
     _validate(args)
-    if args.norm == "batch" and args.bucket:
-        print("diffpool-fast train: warning: --norm batch with size-bucketed batches: each batch's statistics "
-              "come from graphs of one size, which biases them when the class correlates with size; "
-              "consider --no-bucket or --norm none", file=sys.stderr)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    else:
-        _fit_threads_to_load()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    if args.backend == "triton" and device.type != "cuda" and not triton_interpreting():
-        raise UsageError("--backend triton needs --device cuda (Triton kernels run on CUDA tensors); use --backend torch or auto on CPU")
+    return state
 
-    out = _output_dir(args)
-    ckpt_path, metrics_path, results_path = out / CHECKPOINT, out / METRICS, out / RESULTS
-    cfg = _run_config(args)
 
-    state = None
-    if args.resume:
-        if not ckpt_path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise UsageError(f"--resume: cannot read {ckpt_path}: {type(err).__name__}: {err}")
-        if state.get("version") != CKPT_VERSION:
-            raise UsageError(f"--resume: {ckpt_path} has checkpoint version {state.get('version')}, expected {CKPT_VERSION}")
-        diff = {k: (state["config"].get(k), v) for k, v in cfg.items() if state["config"].get(k) != v}
-        if diff:
-            text = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise UsageError(f"--resume: the options differ from the run in {out} ({text}); rerun with the same options")
-    elif ckpt_path.exists() or results_path.exists():
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+def _load_data(args, state, ckpt_path: Path):
+    """The dataset (after ``--max-nodes``), its fingerprint and the folds; for a resumed run,
+    the checks that it is the run's data and that the checkpoint fits the folds."""
+    from ..data import fingerprint, load_dataset
 
-    try:
-        ds = load_dataset(args.dataset, args.data_root, cache_dir=args.cache_dir, node_attr=args.node_attr,
-                          download=args.download, synthetic_graphs=args.synthetic_graphs, seed=args.seed)
-    except DatasetError as err:
-        raise UsageError(str(err))
+    ds = load_dataset(args.dataset, args.data_root, cache_dir=args.cache_dir, node_attr=args.node_attr,
+                      download=args.download, synthetic_graphs=args.synthetic_graphs, seed=args.seed)
+    fp = fingerprint(ds)
+    if state is not None:
+        resume.check_same_data(state["dataset"], fp, ckpt_path.parent)
     dropped = 0
     if args.max_nodes is not None:
         keep = [i for i in range(len(ds)) if int(ds.num_nodes[i]) <= args.max_nodes]
@@ -317,16 +353,82 @@ def run(args) -> int:
             raise UsageError(f"--max-nodes {args.max_nodes} drops every graph")
     if len(ds) < 3:
         raise UsageError(f"dataset {args.dataset!r} has {len(ds)} graphs, too few to split")
-
-    out.mkdir(parents=True, exist_ok=True)
     splits = _fold_splits(ds, args.folds, args.val_fraction, args.seed)
+    _check_splits(splits, len(ds), args)
+    _warn_clusters(args.clusters, ds.max_nodes)
+    if state is not None:
+        resume.check_progress(state, len(splits), args.epochs, ckpt_path)
+    return ds, fp, dropped, splits
+
+
+def _fresh_state(cfg: dict, fp: dict, args) -> dict:
+    import torch
+
+    root = None
+    if args.dataset.lower() != "synthetic":
+        from ..data import default_data_root
+
+        root = str(Path(args.data_root or default_data_root()).expanduser().resolve())
+    command = "diffpool-fast " + " ".join(sys.argv[1:]) if sys.argv and "diffpool" in sys.argv[0] else None
+    return {"version": CKPT_VERSION, "package_version": provenance.package_version(), "config": cfg,
+            "dataset": fp, "runtime": {"threads": torch.get_num_threads(), "data_root": root,
+                                       "cache_dir": args.cache_dir, "command": command},
+            "fold": 0, "epoch": 0, "model": None, "optimizer": None, "rng": None, "history": [],
+            "fold_results": [], "elapsed": 0.0}
+
+
+def run(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..data import DenseLoader
+    from ..nn.model import cluster_counts
+
+    _validate(args)
+    out = _output_dir(args)
+    ckpt_path, metrics_path, results_path = out / CHECKPOINT, out / METRICS, out / RESULTS
+    state = _open_run(args, out)
+    cfg = _run_config(args)
+    if args.norm == "batch" and args.bucket:
+        print("diffpool-fast train: warning: --norm batch with size-bucketed batches: each batch's statistics "
+              "come from graphs of one size, which biases them when the class correlates with size; "
+              "consider --no-bucket or --norm none", file=sys.stderr)
+    provenance.fit_threads_to_load("train", args.threads, warn=False)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if args.backend == "triton" and device.type != "cuda" and not triton_interpreting():
+        raise UsageError("--backend triton needs --device cuda (Triton kernels run on CUDA tensors); use --backend torch or auto on CPU")
+
+    created = _prepare_out(out)
+    try:
+        ds, fp, dropped, splits = _load_data(args, state, ckpt_path)
+        if state is not None and state["model"] is not None:
+            # Load the saved states into a model of this fold once before anything is written,
+            # so that a checkpoint that does not fit is refused with the folder untouched.
+            probe = _build_model(cfg, ds).to(device)
+            resume.restore(probe, _adam(probe, args.lr, args.weight_decay), state, ckpt_path)
+            del probe
+    except UsageError:
+        if created:
+            try:
+                out.rmdir()  # only when still empty
+            except OSError:
+                pass
+        raise
+    for note in (state or {}).pop("notes", []):
+        print(f"diffpool-fast train: {note}", file=sys.stderr)
+    removed = remove_stale_temps(out)
+    if removed:
+        print(f"diffpool-fast train: removed {len(removed)} temporary file(s) of an interrupted write in {out}/",
+              file=sys.stderr)
     summary = ds.summary()
     summary["dropped_over_max_nodes"] = dropped
 
     if state is None:
-        state = {"version": CKPT_VERSION, "config": cfg, "fold": 0, "epoch": 0, "model": None,
-                 "optimizer": None, "rng": None, "history": [], "fold_results": [], "elapsed": 0.0}
+        state = _fresh_state(cfg, fp, args)
         _rewrite_metrics(metrics_path, [])
+        save_checkpoint(ckpt_path, state)  # from here on, --resume --out alone continues the run
     else:
         # The checkpoint is the truth: drop CSV rows written after it (a crash between the two).
         _rewrite_metrics(metrics_path, state["history"])
@@ -352,9 +454,7 @@ def run(args) -> int:
             opt = _adam(model, args.lr, args.weight_decay)
             start_epoch = 0
             if state["model"] is not None and state["fold"] == fold:
-                model.load_state_dict(state["model"])
-                opt.load_state_dict(state["optimizer"])
-                set_rng_state(state["rng"])
+                resume.restore(model, opt, state, ckpt_path)
                 start_epoch = state["epoch"]
             rows = [r for r in state["history"] if r["fold"] == fold + 1]
             ep_bar = tqdm(total=args.epochs, initial=start_epoch, desc=f"fold {fold + 1}/{len(splits)}", unit="ep",
@@ -365,7 +465,11 @@ def run(args) -> int:
                     break
                 torch.manual_seed(_seed_for(args.seed, fold, epoch))
                 t0 = time.perf_counter()
-                tm = _train_epoch(model, opt, train_loader, epoch, device, args.clip)
+                try:
+                    tm = _train_epoch(model, opt, train_loader, epoch, device, args.clip)
+                except FloatingPointError as err:
+                    raise UsageError(f"fold {fold + 1}: {err}: training diverged (try a smaller --lr, or --clip); "
+                                     f"the checkpoint keeps the epochs before") from None
                 t_train = time.perf_counter() - t0
                 val_loss, val_acc = _evaluate(model, val_loader, device)
                 test_loss, test_acc = _evaluate(model, test_loader, device)
@@ -375,9 +479,7 @@ def run(args) -> int:
                        "train_seconds": t_train, "epoch_seconds": time.perf_counter() - t0}
                 rows.append(row)
                 state["history"].append(row)
-                with open(metrics_path, "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow({k: row[k] for k in METRIC_FIELDS})
-                    f.flush()
+                _append_metrics(metrics_path, row)
                 state.update(fold=fold, epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(),
                              rng=rng_state(), elapsed=time.perf_counter() - t_start)
                 save_checkpoint(ckpt_path, state)
@@ -397,7 +499,7 @@ def run(args) -> int:
                     "n_train": len(tr), "n_val": len(va), "n_test": len(te)}
             state["fold_results"].append(fres)
             # The finished fold's final model is kept (last_model) for users and for checking resume.
-            state.update(fold=fold + 1, epoch=0, model=None, optimizer=None, last_model=model.state_dict(),
+            state.update(fold=fold + 1, epoch=0, model=None, optimizer=None, rng=None, last_model=model.state_dict(),
                          elapsed=time.perf_counter() - t_start)
             save_checkpoint(ckpt_path, state)
             fold_bar.update(1)
@@ -423,9 +525,10 @@ def run(args) -> int:
         "config": cfg,
         "model": {"clusters": cfg["clusters"] or cluster_counts(ds.max_nodes, cfg["levels"], cfg["ratio"]), "max_nodes": ds.max_nodes},
         **meta,
+        "dataset_fingerprint": fp,
         "machine": _machine(device),
         "versions": _versions(),
-        "command": "diffpool-fast " + " ".join(sys.argv[1:]) if sys.argv and "diffpool" in sys.argv[0] else None,
+        "command": state["runtime"].get("command"),
     }
     write_json(results_path, results)
     mean, std = results["test_acc_mean"], results["test_acc_std"]
