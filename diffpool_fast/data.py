@@ -87,7 +87,8 @@ class GraphDataset:
     """Graphs as per-graph tensors: ``xs[i]`` [n_i, F] float32, ``edges[i]`` [2, E_i] int64
     (both directions of an undirected edge), ``y`` [G] int64."""
 
-    def __init__(self, name: str, xs: List[Tensor], edges: List[Tensor], y: Tensor, num_classes: int, info: Optional[dict] = None):
+    def __init__(self, name: str, xs: List[Tensor], edges: List[Tensor], y: Tensor, num_classes: int,
+                 info: Optional[dict] = None):
         if not (len(xs) == len(edges) == len(y)):
             raise ValueError(f"xs, edges and y disagree in length: {len(xs)}, {len(edges)}, {len(y)}")
         self.name = name
@@ -134,7 +135,8 @@ class GraphDataset:
 
     def subset(self, indices: Sequence[int]) -> "GraphDataset":
         idx = [int(i) for i in indices]
-        return GraphDataset(self.name, [self.xs[i] for i in idx], [self.edges[i] for i in idx], self.y[idx], self.num_classes, self.info)
+        return GraphDataset(self.name, [self.xs[i] for i in idx], [self.edges[i] for i in idx], self.y[idx],
+                            self.num_classes, self.info)
 
     def summary(self) -> dict:
         return {
@@ -555,7 +557,8 @@ def _from_pyg(tu, name: str, node_attr: bool, files: dict) -> GraphDataset:
         edges.append(d.edge_index.long())
         xs.append(None if d.x is None else d.x.float())
     info = {"node_input": "labels" + ("+attributes" if num_attr else ""),
-            "files": {f"{name}_{part}.txt": hashlib.sha256(data).hexdigest()[:16] for part, data in sorted(files.items())}}
+            "files": {f"{name}_{part}.txt": hashlib.sha256(data).hexdigest()[:16]
+                      for part, data in sorted(files.items())}}
     if xs[0] is None or xs[0].shape[1] == 0:
         cap = max(int(torch.bincount(e[0]).max()) if e.numel() else 0 for e in edges)
         xs = [_degree_onehot(e, int(tu[i].num_nodes), cap) for i, e in enumerate(edges)]
@@ -632,7 +635,8 @@ def make_synthetic(
         deg = torch.bincount(e[0], minlength=n).clamp_max(degree_cap)
         xs.append(torch.nn.functional.one_hot(deg, degree_cap + 1).float())
         ys.append(cls)
-    info = {"node_input": f"one-hot degree (cap {degree_cap})", "classes_meaning": list(SYNTHETIC_CLASSES), "seed": seed}
+    info = {"node_input": f"one-hot degree (cap {degree_cap})", "classes_meaning": list(SYNTHETIC_CLASSES),
+            "seed": seed}
     return GraphDataset("synthetic", xs, edges, torch.tensor(ys), len(SYNTHETIC_CLASSES), info)
 
 

@@ -1,5 +1,4 @@
 """Data: TU-format loading through a writable cache, dense batches, bucketing, folds, generated data."""
-import os
 import re
 import stat
 from pathlib import Path
@@ -106,7 +105,9 @@ def _readme_table(path: Path):
     for line in (path / "README.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 8 and re.fullmatch(r"[\d,]+", cells[1] or ""):
-            num = lambda s: float(s.replace(",", ""))
+            def num(s):
+                return float(s.replace(",", ""))
+
             rows[cells[0]] = {"graphs": num(cells[1]), "nodes": num(cells[2]), "max_nodes": num(cells[4]),
                               "mean_nodes": num(cells[5]), "classes": num(cells[6])}
     return rows

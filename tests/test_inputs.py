@@ -27,11 +27,14 @@ def call(x, adj, s, mask=None, **kw):
         (lambda x, a, s, m: (x, a, s[:, :5], m), ValueError, r"node counts disagree.*s \[2, 5, 4\]"),
         (lambda x, a, s, m: (x, a[:, :, :5], s, m), ValueError, r"adj must be square.*\[2, 6, 5\]"),
         (lambda x, a, s, m: (x, a, s, m[:, :5]), ValueError, r"mask must have shape \[B, N\] = \[2, 6\].*\[2, 5\]"),
-        (lambda x, a, s, m: (x, a, s, m.float() * 0.5), ValueError, r"mask of dtype torch.float32 must hold only 0 and 1"),
+        (lambda x, a, s, m: (x, a, s, m.float() * 0.5), ValueError,
+         r"mask of dtype torch.float32 must hold only 0 and 1"),
         (lambda x, a, s, m: (x, a, s, torch.ones(2, 6, dtype=torch.complex64)), TypeError, r"mask must be bool"),
-        (lambda x, a, s, m: (x.long(), a, s, m), TypeError, r"x must be a floating-point tensor, got dtype torch.int64"),
+        (lambda x, a, s, m: (x.long(), a, s, m), TypeError,
+         r"x must be a floating-point tensor, got dtype torch.int64"),
         (lambda x, a, s, m: (x, a, s.int(), m), TypeError, r"s \(assignment logits\) must be a floating-point"),
-        (lambda x, a, s, m: (x, a.long(), s, m), TypeError, r"adj must be floating point, bool or uint8, got dtype torch.int64"),
+        (lambda x, a, s, m: (x, a.long(), s, m), TypeError,
+         r"adj must be floating point, bool or uint8, got dtype torch.int64"),
         (lambda x, a, s, m: (x[0, 0], a, s, m), ValueError, r"x must be \[B, N, F\].*1-D tensor of shape \[3\]"),
         (lambda x, a, s, m: (x, a.unsqueeze(0), s, m), ValueError, r"adj must be \[B, N, N\].*4-D"),
         (lambda x, a, s, m: (x.numpy(), a, s, m), TypeError, r"x must be a torch.Tensor, got ndarray"),
@@ -52,7 +55,8 @@ def test_bad_input_errors(mutate, exc, pattern):
 
 def test_bad_normalize_and_per_graph():
     x, a, s, m = ok()
-    with pytest.raises(ValueError, match=r"normalize must be True, False or one of \('numel', 'none', 'graph'\), got 'mean'"):
+    with pytest.raises(ValueError,
+                       match=r"normalize must be True, False or one of \('numel', 'none', 'graph'\), got 'mean'"):
         call(x, a, s, m, normalize="mean")
     with pytest.raises(TypeError, match="per_graph must be a bool"):
         call(x, a, s, m, per_graph="yes")

@@ -11,8 +11,8 @@ def _run(tmp_path, name, vals, losses, tests, **cfg):
     d.mkdir()
     config = {"dataset": "MUTAG", "seed": 0, "folds": len(vals), "val_fraction": 0.1, "max_nodes": None}
     config.update(cfg)
-    folds = [{"fold": i + 1, "best_val_acc": v, "best_val_loss": l, "test_acc": t,
-              "n_train": 150, "n_val": 17, "n_test": 19} for i, (v, l, t) in enumerate(zip(vals, losses, tests))]
+    folds = [{"fold": i + 1, "best_val_acc": v, "best_val_loss": lo, "test_acc": t,
+              "n_train": 150, "n_val": 17, "n_test": 19} for i, (v, lo, t) in enumerate(zip(vals, losses, tests))]
     (d / "results.json").write_text(json.dumps({"folds": folds, "config": config, "command": f"train {name}",
                                                 "test_acc_mean": sum(tests) / len(tests)}))
     return str(d)

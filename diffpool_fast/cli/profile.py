@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--clusters", default="0.25",
                    help="clusters: a count (128) or a ratio of nodes (0.25); at most --nodes (default: %(default)s)")
     p.add_argument("--features", type=int, default=64, help="features per node (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", help=f"x and s dtype: {', '.join(FLOAT_DTYPES)} (default: %(default)s)")
+    p.add_argument("--dtype", default="float32",
+                   help=f"x and s dtype: {', '.join(FLOAT_DTYPES)} (default: %(default)s)")
     p.add_argument("--adj-dtype", default="same",
                    help=f"adjacency dtype: same (as --dtype) or one of {', '.join(ADJ_DTYPES)} (default: %(default)s)")
     p.add_argument("--mode", default="full", help="fwd, bwd, full, or a comma list (default: %(default)s)")

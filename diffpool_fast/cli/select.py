@@ -7,7 +7,8 @@ def register(sub) -> None:
                        description=_description())
     p.add_argument("runs", nargs="+", metavar="RUN", help="train --out folders (or their results.json)")
     p.add_argument("--out", default=None, help="also write the table as markdown to this file (default: terminal only)")
-    p.add_argument("--json", default=None, help="write the selection (per fold, candidates) as JSON to this file (default: none)")
+    p.add_argument("--json", default=None,
+                   help="write the selection (per fold, candidates) as JSON to this file (default: none)")
     p.set_defaults(func=_run)
 
 

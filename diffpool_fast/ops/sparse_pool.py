@@ -1,0 +1,665 @@
+r"""``sparse_diff_pool``: DiffPool on PyG's sparse batch format, with no N x N tensor anywhere.
+
+Inputs are a mini-batch as PyG's ``DataLoader`` gives it: ``x`` [N, F], ``edge_index`` [2, E],
+``s`` [N, C] (assignment logits), ``batch`` [N] (sorted graph ids), ``edge_weight`` [E]. The
+result is exactly :func:`diffpool_fast.dense_diff_pool` (and PyG's ``dense_diff_pool``) applied
+to ``to_dense_batch(x, batch)``, ``to_dense_adj(edge_index, batch, edge_weight)`` and
+``to_dense_batch(s, batch)`` with its mask: every graph padded to the batch's largest, N_max.
+
+Design
+------
+With S = softmax(s) (row-wise) and graph b's nodes the contiguous slice [ptr_b, ptr_b+1):
+
+* **Edges.** The edge list is coalesced into unique (i, j) pairs sorted by (i, j) -- skipped
+  when it already is, else one sort, O(E log E) -- so the adjacency is a CSR pattern; duplicate
+  edges sum their weights, as ``to_dense_adj`` does. Two kernels make every edge pass, on CPU
+  and CUDA alike, each O(E C) time and O(E + N C) memory, never an E x C tensor:
+  ``A Y`` is ``embedding_bag`` over the CSR rows with the edge weights as per-sample weights, and
+  the per-edge dot products <U_i, V_j> are ``torch.sparse.sampled_addmm`` on the pattern. Their
+  backward passes (``_SpMM``, ``_EdgeT``) are the same two kernels, ``A^T Y`` on the transposed
+  pattern (one stable argsort of the columns, made on the first backward that needs it).
+* **Per-graph products** S_b^T Y_b ([B, C, K]): out = S^T x, out_adj = S^T (A S), and the Gram
+  D^T D below. Graphs are grouped by size into buckets [2^l, 2^(l+1)), at most
+  log2(N_max) + 1 of them, one ``bmm`` each. A graph alone in its bucket multiplies its rows in
+  place, and graphs of one size that lie one after the other are a [G, n, C] view: no copy.
+  Otherwise the bucket's rows are gathered into [G, n_pad, C], n_pad its largest graph: S is
+  zero past a graph's end, Y repeats the graph's own rows there (so not even a NaN reaches
+  another graph). Padding at most doubles a graph, so the copies are O(N (C + K)), never
+  B * N_max; time O(N C K).
+* **Link loss** ||A_b - S_b S_b^T||_F^2 without enumerating node pairs, and without the
+  catastrophic cancellation of ||A||^2 - 2 tr(S^T A S) + ||S^T S||^2 when A ~ S S^T. Let
+  H = one-hot(argmax S) (a constant), R = H H^T (R_ij = 1 when i, j share a hard cluster),
+  D = S - H (computed without cancellation: the argmax entry of D is minus the sum of the other
+  entries of S), T = S S^T - R = H D^T + D H^T + D D^T, and E' the coalesced edge pairs. Then
+
+      Q = sum_E' ((A - R) - T)^2 + sum_{pairs not in E'} (R + T)^2
+
+  and the second sum is "all pairs minus E'" of R, 2 R T and T^2, each from C x C quantities:
+  sum_all R = sum_k m_k^2 (m_k: nodes of hard cluster k, exact integers);
+  sum_all R T = 2 sum_k m_k K_kk + ||K||^2 with K = H^T D;
+  sum_all T^2 = 2 sum_k m_k G_kk + 2 tr(K^2) + 4 tr(K G) + ||G||^2 with G = D^T D.
+  H_i is 0 for a row with no entry above 1/2 (the identity holds for any such H), so |D| <= 1/2.
+  Near convergence (S ~ one-hot) R carries the O(1) part exactly and T, D, K, G are small, so
+  no large terms cancel; for a spread-out S nothing is large either. Per-edge terms are in the
+  compute dtype; K and G accumulate in float64 (32k rows converted at a time, no float64 copy
+  of D kept), and so does every per-graph sum. The part of sum R T linear in D, which cancels
+  between "all pairs" and E' when every same-cluster pair is an edge, is summed in float64 from
+  the per-node argmax entries, and its gradient cancels in float64 too. Clamped at 0.
+* **Softmax** has a hand-written backward that subtracts the argmax entry's gradient first:
+  mathematically the same, but it keeps the gradient of a saturated row (S ~ one-hot) instead of
+  rounding it to 0 as P * (g - <P, g>) does in float32.
+* **Entropy** -sum S log(S + EPS) per row, per-graph sums in float64, averaged over B * N_max
+  rows as the dense op does (padded rows count 0).
+
+Cost: time O(E C + N C (F + C)) forward and backward (plus O(E log E) to coalesce unsorted
+edges and once for the transposed pattern); memory O(E) for indices and per-edge scalars,
+O(N (C + F)) for S, D, A S and the bucket copies, O(B C (C + F)) for the outputs. Nothing
+depends on N_max^2. Gradients flow to ``x``, ``s`` and ``edge_weight``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F_nn
+from torch import Tensor
+
+from ..config import BACKEND_ENV, EPS, POOL_BACKENDS, backend_override
+from .coarsen_torch import compute_dtype
+from .pool import _normalize_mode, finish_losses
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+
+
+class _Inputs(NamedTuple):
+    x: Tensor  # [N, F]
+    s: Tensor  # [N, C]
+    row: Tensor  # [E] int64
+    col: Tensor  # [E] int64
+    weight: Optional[Tensor]  # [E] floating or None
+    batch: Optional[Tensor]  # [N] int64 or None (one graph)
+    B: int
+
+
+def _check_backend(backend) -> None:
+    if backend not in POOL_BACKENDS:
+        raise ValueError(f"backend must be one of {POOL_BACKENDS}, got {backend!r}")
+    forced = backend_override()
+    if forced and forced not in POOL_BACKENDS:
+        raise ValueError(f"environment variable {BACKEND_ENV}={forced!r} is not one of {POOL_BACKENDS}")
+    chosen = forced or backend
+    if chosen == "triton":
+        via = f" ({BACKEND_ENV}=triton asks for it)" if forced else ""
+        raise ValueError(
+            "sparse_diff_pool: backend='triton' is not available: the edge pass has no Triton kernel "
+            f"yet{via}; use backend='torch' or 'auto' (the torch path runs on CPU and CUDA)"
+        )
+
+
+def _check_inputs(x, edge_index, s, batch, edge_weight, num_graphs) -> _Inputs:
+    for name, t in (("x", x), ("edge_index", edge_index), ("s", s)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("batch", batch), ("edge_weight", edge_weight)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, F] (node features of the whole batch), got shape {_shape(x)}")
+    if s.dim() != 2:
+        raise ValueError(f"s must be [N, C] (assignment logits of the whole batch), got shape {_shape(s)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if not s.is_floating_point():
+        raise TypeError(f"s (assignment logits) must be a floating-point tensor, got dtype {s.dtype}")
+    N = x.shape[0]
+    if s.shape[0] != N:
+        raise ValueError(f"x and s must have one row per node, the same N: got x {_shape(x)} and s {_shape(s)}")
+    if s.shape[1] < 1:
+        raise ValueError(f"s must have at least one cluster, got shape {_shape(s)}")
+
+    devices = {"x": x.device, "edge_index": edge_index.device, "s": s.device}
+    if batch is not None:
+        devices["batch"] = batch.device
+    if edge_weight is not None:
+        devices["edge_weight"] = edge_weight.device
+    if len({str(d) for d in devices.values()}) > 1:
+        raise ValueError(
+            "x, edge_index, s, batch and edge_weight must be on one device, got "
+            + ", ".join(f"{k} on {v}" for k, v in devices.items())
+        )
+
+    if edge_index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"edge_index must be an int64 (or int32) tensor, got dtype {edge_index.dtype}")
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError(f"edge_index must have shape [2, E], got {_shape(edge_index)}")
+    E = edge_index.shape[1]
+    row, col = edge_index[0].long(), edge_index[1].long()
+    if E > 0:
+        lo = int(torch.minimum(row.min(), col.min()))
+        hi = int(torch.maximum(row.max(), col.max()))
+        if lo < 0 or hi >= N:
+            raise ValueError(
+                f"edge_index holds node ids in [{lo}, {hi}], outside [0, N) with N={N} (the rows of x {_shape(x)})"
+            )
+
+    if edge_weight is not None:
+        if not edge_weight.is_floating_point():
+            raise TypeError(f"edge_weight must be a floating-point tensor, got dtype {edge_weight.dtype}")
+        if edge_weight.dim() != 1 or edge_weight.shape[0] != E:
+            raise ValueError(
+                f"edge_weight must have shape [E] = [{E}] to match edge_index {_shape(edge_index)}, "
+                f"got {_shape(edge_weight)}"
+            )
+        if E > 0:
+            w = edge_weight.detach()
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError("edge_weight must be finite, got NaN or infinite values")
+            if bool((w < 0).any()):
+                raise ValueError(f"edge_weight must be non-negative, got a minimum of {float(w.min())}")
+
+    if num_graphs is not None and (isinstance(num_graphs, bool) or not isinstance(num_graphs, int)):
+        raise TypeError(f"num_graphs must be an int or None, got {type(num_graphs).__name__}")
+    if num_graphs is not None and num_graphs < 1:
+        raise ValueError(f"num_graphs must be at least 1, got {num_graphs}")
+
+    if batch is None:
+        B = 1 if num_graphs is None else num_graphs
+        return _Inputs(x, s, row, col, edge_weight, None, B)
+
+    if batch.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"batch must be an int64 (or int32) tensor of graph ids, got dtype {batch.dtype}")
+    if batch.dim() != 1 or batch.shape[0] != N:
+        raise ValueError(f"batch must have shape [N] = [{N}] (one graph id per row of x), got {_shape(batch)}")
+    batch = batch.long()
+    if N == 0:
+        B = 1 if num_graphs is None else num_graphs
+        return _Inputs(x, s, row, col, edge_weight, batch, B)
+    if int(batch[0]) < 0:
+        raise ValueError(f"batch must hold graph ids >= 0, got {int(batch.min())}")
+    if N > 1 and bool((batch[1:] < batch[:-1]).any()):
+        raise ValueError("batch must be sorted (graph ids non-decreasing, as PyG's DataLoader gives them)")
+    needed = int(batch[-1]) + 1
+    if num_graphs is not None and num_graphs < needed:
+        raise ValueError(f"num_graphs={num_graphs} is smaller than batch.max() + 1 = {needed}")
+    B = needed if num_graphs is None else num_graphs
+    if E > 0:
+        cross = batch[row] != batch[col]
+        if bool(cross.any()):
+            e = int(cross.nonzero()[0, 0])
+            i, j = int(row[e]), int(col[e])
+            raise ValueError(
+                f"edge_index joins two graphs: edge {e} ({i} -> {j}) goes from graph {int(batch[i])} "
+                f"to graph {int(batch[j])}"
+            )
+    return _Inputs(x, s, row, col, edge_weight, batch, B)
+
+
+# --------------------------------------------------------------------------------------------
+# the edge pattern and its two kernels
+# --------------------------------------------------------------------------------------------
+
+
+class _Pattern:
+    """Coalesced edges sorted by (row, col), as CSR; the transposed pattern on demand."""
+
+    def __init__(self, row: Tensor, col: Tensor, N: int):
+        self.N = N
+        self.row, self.col = row, col
+        self.crow = _offsets(row, N)
+        self._t = None
+
+    def transposed(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """(perm, rows in column order, column offsets): A^T's CSR is (crow_t, row[perm], vals[perm])."""
+        if self._t is None:
+            perm = torch.argsort(self.col, stable=True)
+            self._t = (perm, self.row[perm], _offsets(self.col, self.N))
+        return self._t
+
+    def mm(self, vals: Tensor, Y: Tensor, transpose: bool = False) -> Tensor:
+        """A Y (or A^T Y), [N, K], with A the pattern holding ``vals``."""
+        if transpose:
+            perm, row_t, crow_t = self.transposed()
+            idx, offsets, vals = row_t, crow_t, vals[perm]
+        else:
+            idx, offsets = self.col, self.crow
+        return F_nn.embedding_bag(idx, Y.contiguous(), offsets, mode="sum", per_sample_weights=vals.to(Y.dtype),
+                                  include_last_offset=True)
+
+    def dots(self, U: Tensor, V: Tensor) -> Tensor:
+        """<U_i, V_j> for every edge (i, j), [E]."""
+        if self.row.numel() == 0:
+            return U.new_zeros(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            pat = torch.sparse_csr_tensor(self.crow, self.col, U.new_zeros(self.row.numel()), (self.N, self.N),
+                                          check_invariants=False)
+            return torch.sparse.sampled_addmm(pat, U.contiguous(), V.t(), beta=0.0).values()
+
+
+def _offsets(sorted_idx: Tensor, N: int) -> Tensor:
+    out = torch.zeros(N + 1, dtype=torch.int64, device=sorted_idx.device)
+    if sorted_idx.numel():
+        out[1:] = torch.bincount(sorted_idx, minlength=N).cumsum(0)
+    return out
+
+
+class _SpMM(torch.autograd.Function):
+    """(vals [E], S [N, C]) -> A S, A the pattern holding vals."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, S: Tensor, pattern: _Pattern) -> Tensor:
+        ctx.pattern = pattern
+        ctx.save_for_backward(vals, S)
+        return pattern.mm(vals, S)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        vals, S = ctx.saved_tensors
+        p = ctx.pattern
+        g_vals = p.dots(g, S) if ctx.needs_input_grad[0] else None
+        g_S = p.mm(vals, g, transpose=True) if ctx.needs_input_grad[1] else None
+        return g_vals, g_S, None
+
+
+class _EdgeT(torch.autograd.Function):
+    """(D [N, C], hard clusters) -> (T, dots) per edge (i, j) of the pattern:
+    dots = <D_i, D_j> and T = (S S^T - R)_ij = <H_i, D_j> + <D_i, H_j> + <D_i, D_j>, where
+    <H_i, D_j> = D[j, k_i] for a row i with a hard cluster k_i, else 0."""
+
+    @staticmethod
+    def forward(ctx, D: Tensor, pattern: _Pattern, k_r: Tensor, k_c: Tensor, a_r: Tensor, a_c: Tensor):
+        """``k_r``, ``k_c``: hard clusters of each edge's ends; ``a_r``, ``a_c``: whether they have one."""
+        C = D.shape[1]
+        row, col = pattern.row, pattern.col
+        # flat positions of D[j, k_i] and D[i, k_j]; -1 where the row has no hard cluster
+        i_hj = torch.where(a_r, col * C + k_r, -1)
+        i_ih = torch.where(a_c, row * C + k_c, -1)
+        dots = pattern.dots(D, D)
+        flat = D.reshape(-1)
+        T = dots + torch.where(a_r, flat[i_hj.clamp_min(0)], 0.0) + torch.where(a_c, flat[i_ih.clamp_min(0)], 0.0)
+        ctx.pattern = pattern
+        ctx.save_for_backward(D, i_hj, i_ih)
+        return T, dots
+
+    @staticmethod
+    def backward(ctx, g_T: Tensor, g_dots: Tensor):
+        D, i_hj, i_ih = ctx.saved_tensors
+        p = ctx.pattern
+        g = g_T + g_dots
+        g_D = p.mm(g, D)
+        g_D += p.mm(g, D, transpose=True)
+        flat = g_D.view(-1)
+        for idx in (i_hj, i_ih):
+            keep = idx >= 0
+            flat.index_add_(0, idx[keep], g_T[keep].to(flat.dtype))
+        return g_D, None, None, None, None, None
+
+
+class _RowEntropy(torch.autograd.Function):
+    """S [N, C] -> -sum_c S log(S + EPS) per row, [N]; saves nothing but S."""
+
+    @staticmethod
+    def forward(ctx, S: Tensor) -> Tensor:
+        ctx.save_for_backward(S)
+        return -(S * torch.log(S + EPS)).sum(-1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (S,) = ctx.saved_tensors
+        Se = S + EPS
+        return -g[:, None] * (torch.log(Se) + S / Se)
+
+
+class _Softmax(torch.autograd.Function):
+    """Row softmax whose backward shifts the incoming gradient by its argmax entry first.
+
+    P * (h - <P, h>) with h = g - g[argmax] equals P * (g - <P, g>) exactly in real arithmetic;
+    in floating point it keeps the gradient of the argmax logit of a saturated row, where
+    <P, g> rounds to g[argmax] and the textbook form gives 0.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor) -> Tensor:
+        P = torch.softmax(s, dim=-1)
+        ctx.save_for_backward(P)
+        return P
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (P,) = ctx.saved_tensors
+        k = P.argmax(dim=-1, keepdim=True)
+        h = g - g.gather(1, k)
+        return P * (h - (P * h).sum(-1, keepdim=True))
+
+
+# --------------------------------------------------------------------------------------------
+# per-graph products S_b^T Y_b
+# --------------------------------------------------------------------------------------------
+
+
+class _GraphBlocks:
+    """Graph b = nodes [ptr_b, ptr_b + n_b); graphs bucketed by size for batched products.
+
+    Each bucket is ``(kind, gids, data)``: ``"slice"`` (one graph, its rows in place),
+    ``"view"`` (graphs of one size one after the other: a [G, n, C] view) or ``"pad"`` (rows
+    gathered into [G, n_pad, C], zero past each graph's end).
+    """
+
+    def __init__(self, counts: Tensor, B: int, N: int):
+        self.B, self.N = B, N
+        device = counts.device
+        n_list = counts.tolist()
+        ptr, acc = [], 0
+        for n in n_list:
+            ptr.append(acc)
+            acc += n
+        levels = {}
+        for b, n in enumerate(n_list):
+            if n > 0:
+                levels.setdefault(n.bit_length() - 1, []).append(b)
+        self.buckets = []
+        order = []
+        for lvl in sorted(levels):
+            gids = levels[lvl]
+            n_pad = max(n_list[g] for g in gids)
+            G = len(gids)
+            if G == 1:
+                data = ("slice", (ptr[gids[0]], n_list[gids[0]]))
+            elif all(n_list[g] == n_pad for g in gids) and gids[-1] - gids[0] == G - 1:
+                data = ("view", (ptr[gids[0]], G, n_pad))
+            else:
+                starts = torch.tensor([ptr[g] for g in gids], dtype=torch.int64, device=device)
+                ns = torch.tensor([n_list[g] for g in gids], dtype=torch.int64, device=device)
+                ar = torch.arange(n_pad, device=device)
+                valid = ar[None, :] < ns[:, None]
+                # past its end a graph repeats its own rows: U is zeroed there, Y need not be,
+                # and nothing (not even a NaN) reaches another graph
+                idx = starts[:, None] + ar[None, :] % ns[:, None]
+                data = ("pad", (idx, valid[..., None]))
+            self.buckets.append((data[0], torch.tensor(gids, dtype=torch.int64, device=device), data[1]))
+            order.extend(gids)
+        self.gids = torch.tensor(order, dtype=torch.int64, device=device)
+        self.identity = order == list(range(B))
+
+    @staticmethod
+    def _rows(U: Tensor, kind: str, data, lo: int = 0, hi: Optional[int] = None, zero: bool = True) -> Tensor:
+        """The bucket's rows of U as [G, n, C] (graphs lo:hi of the bucket); ``zero``: padding
+        rows are 0, else copies of the graph's own rows."""
+        if kind == "slice":
+            p0, n = data
+            # the whole tensor, not a slice of it: a slice's backward would allocate and copy
+            return (U if n == U.shape[0] else U[p0 : p0 + n]).unsqueeze(0)
+        if kind == "view":
+            p0, G, n = data
+            hi = G if hi is None else min(hi, G)
+            rows = U if (lo, hi * n) == (0, U.shape[0]) else U[p0 + lo * n : p0 + hi * n]
+            return rows.reshape(hi - lo, n, U.shape[1])  # a view unless U is not contiguous
+        idx, valid = data
+        rows = U[idx[lo:hi]]
+        return rows.masked_fill_(~valid[lo:hi], 0.0) if zero else rows
+
+    def products(self, U: Tensor, Ys: List[Tensor]) -> List[Tensor]:
+        """[U_b^T Y_b for every graph b] as [B, C, K_y] for each Y in Ys (zeros for empty graphs)."""
+        C = U.shape[1]
+        pieces = [[] for _ in Ys]
+        for kind, _, data in self.buckets:
+            u = self._rows(U, kind, data).transpose(1, 2)
+            for out, Y in zip(pieces, Ys):
+                out.append(u @ self._rows(Y, kind, data, zero=False))
+        return [self._assemble(out, U.new_zeros(self.B, C, Y.shape[1])) for out, Y in zip(pieces, Ys)]
+
+    def _assemble(self, pieces: List[Tensor], zeros: Tensor) -> Tensor:
+        if not pieces:
+            return zeros
+        stacked = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        return stacked if self.identity else zeros.index_copy(0, self.gids, stacked)
+
+    def gram64(self, U: Tensor, chunk_rows: int = 1 << 15) -> Tensor:
+        """U_b^T U_b for every graph in float64, [B, C, C], converting ``chunk_rows`` rows at a time."""
+        C = U.shape[1]
+        out = U.new_zeros(self.B, C, C, dtype=torch.float64)
+        for kind, gids, data in self.buckets:
+            if kind == "slice":
+                p0, n = data
+                acc = out.new_zeros(C, C)
+                for r0 in range(p0, p0 + n, chunk_rows):
+                    u = U[r0 : min(r0 + chunk_rows, p0 + n)].to(torch.float64)
+                    acc += u.t() @ u
+                out[int(gids[0])] = acc
+                continue
+            G, n = gids.numel(), (data[2] if kind == "view" else data[0].shape[1])
+            step = max(1, chunk_rows // n)
+            for g0 in range(0, G, step):
+                u = self._rows(U, kind, data, g0, g0 + step).to(torch.float64)
+                out[gids[g0 : g0 + step]] = u.transpose(1, 2) @ u
+        return out
+
+    def times(self, U: Tensor, W: Tensor) -> Tensor:
+        """Y [N, K] with Y_i = U_i W_b for node i of graph b; W [B, C, K]."""
+        Y = U.new_zeros(U.shape[0], W.shape[2])
+        for kind, gids, data in self.buckets:
+            if kind == "slice":
+                p0, n = data
+                Y[p0 : p0 + n] = U[p0 : p0 + n] @ W[int(gids[0])]
+            elif kind == "view":
+                p0, G, n = data
+                Y[p0 : p0 + G * n] = (self._rows(U, kind, data) @ W[gids]).reshape(G * n, -1)
+            else:
+                idx, valid = data
+                Yp = self._rows(U, kind, data) @ W[gids]
+                keep = valid[..., 0]
+                Y[idx[keep]] = Yp[keep]
+        return Y
+
+
+class _Gram64(torch.autograd.Function):
+    """D [N, C] -> D_b^T D_b per graph in float64 [B, C, C], no float64 copy of D kept."""
+
+    @staticmethod
+    def forward(ctx, D: Tensor, blocks: _GraphBlocks) -> Tensor:
+        ctx.blocks = blocks
+        ctx.save_for_backward(D)
+        return blocks.gram64(D)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (D,) = ctx.saved_tensors
+        W = (g + g.transpose(1, 2)).to(D.dtype)
+        return ctx.blocks.times(D, W), None
+
+
+class _RowSum64(torch.autograd.Function):
+    """(D [N, C], slot [N]) -> float64 sums of D's rows per slot, [slots, C]."""
+
+    @staticmethod
+    def forward(ctx, D: Tensor, slot: Tensor, slots: int, chunk_rows: int = 1 << 15) -> Tensor:
+        ctx.save_for_backward(slot)
+        ctx.dtype = D.dtype
+        out = D.new_zeros(slots, D.shape[1], dtype=torch.float64)
+        for r0 in range(0, D.shape[0], chunk_rows):
+            out.index_add_(0, slot[r0 : r0 + chunk_rows], D[r0 : r0 + chunk_rows].to(torch.float64))
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (slot,) = ctx.saved_tensors
+        return g.to(ctx.dtype)[slot], None, None, None
+
+
+def _per_graph(v: Tensor, graph: Optional[Tensor], B: int) -> Tensor:
+    """Per-graph float64 sums of v [M] with graph ids ``graph`` [M] (None: all in graph 0)."""
+    if graph is None:
+        out = v.sum(dtype=torch.float64).reshape(1)
+        return out if B == 1 else torch.cat([out, out.new_zeros(B - 1)])
+    v64 = v.to(torch.float64)
+    return v64.new_zeros(B).index_add(0, graph, v64)
+
+
+# --------------------------------------------------------------------------------------------
+# the op
+# --------------------------------------------------------------------------------------------
+
+
+def sparse_diff_pool(
+    x: Tensor,
+    edge_index: Tensor,
+    s: Tensor,
+    batch: Optional[Tensor] = None,
+    edge_weight: Optional[Tensor] = None,
+    normalize: Union[bool, str] = True,
+    *,
+    num_graphs: Optional[int] = None,
+    per_graph: bool = False,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""DiffPool on a sparse PyG mini-batch; equals ``dense_diff_pool`` on its dense form.
+
+    Returns ``(out [B, C, F], out_adj [B, C, C], link_loss, ent_loss)``, exactly what
+    :func:`diffpool_fast.dense_diff_pool` (and ``torch_geometric.nn.dense_diff_pool``) return for
+    ``to_dense_batch(x, batch)``, ``to_dense_adj(edge_index, batch, edge_weight)``,
+    ``to_dense_batch(s, batch)`` and the mask of ``to_dense_batch``, every graph padded to the
+    batch's largest (N_max nodes) -- but in O(E + N (C + F) + B C^2) memory, never N_max^2.
+    ``normalize`` (``True``/``"numel"``: divide by B N_max^2; ``False``/``"none"``; ``"graph"``)
+    and ``per_graph`` mean what they mean there. The module docstring gives the method.
+
+    Args:
+        x: node features [N, F].
+        edge_index: [2, E] int64 (or int32); edge e sets A[edge_index[0, e], edge_index[1, e]]
+            += edge_weight[e] (duplicate edges sum, as in ``to_dense_adj``). Both ends of an edge
+            must lie in one graph.
+        s: assignment logits [N, C]; the softmax over C is applied here.
+        batch: [N] graph id of each node, sorted (as PyG's ``DataLoader`` gives it); None: one
+            graph.
+        edge_weight: [E] finite, non-negative weights (the adjacency's entries); None: 1.
+        normalize: see :func:`diffpool_fast.dense_diff_pool`.
+        num_graphs: B; default ``batch.max() + 1``. Larger values add graphs with no nodes
+            (zero outputs, not counted by ``normalize="graph"``).
+        per_graph: if True, ``link_loss`` and ``ent_loss`` are [B] tensors, one value per graph.
+        backend: ``"auto"`` or ``"torch"`` (the same code on CPU and CUDA). ``"triton"`` raises a
+            ``ValueError``: the edge pass has no Triton kernel yet. ``DIFFPOOL_FAST_BACKEND``
+            overrides the argument, as for ``dense_diff_pool``.
+
+    Gradients flow to ``x``, ``s`` and ``edge_weight``.
+
+    Errors: ``TypeError`` (wrong types or dtypes) and ``ValueError`` (shapes, node ids out of
+    range, unsorted ``batch``, an edge joining two graphs, negative or non-finite weights, a
+    ``num_graphs`` below ``batch.max() + 1``, tensors on different devices), naming the argument.
+    """
+    mode = _normalize_mode(normalize)
+    if not isinstance(per_graph, bool):
+        raise TypeError(f"per_graph must be a bool, got {type(per_graph).__name__}")
+    _check_backend(backend)
+    inp = _check_inputs(x, edge_index, s, batch, edge_weight, num_graphs)
+    out, out_adj, link_sq, ent_sum, n, N_max = _coarsen_sparse(inp)
+    link, ent = finish_losses(link_sq, ent_sum, n, N_max, mode, per_graph)
+    if mode != "graph":
+        # finish_losses' square root maps a NaN sum to 0; a NaN input must not look like a 0 loss.
+        bad = torch.isnan(link_sq) if per_graph else torch.isnan(link_sq).any()
+        link = torch.where(bad, torch.full_like(link, float("nan")), link)
+    result_dtype = torch.promote_types(inp.x.dtype, inp.s.dtype)
+    return out.to(result_dtype), out_adj.to(result_dtype), link.to(result_dtype), ent.to(result_dtype)
+
+
+def _coarsen_sparse(inp: _Inputs):
+    """(out, out_adj, link_sq [B] float64, ent_sum [B] float64, n [B], N_max)."""
+    x, s, batch, B = inp.x, inp.s, inp.batch, inp.B
+    N, Fdim = x.shape
+    C = s.shape[1]
+    device = x.device
+    dt = compute_dtype(x, s)
+    f64 = torch.float64
+
+    if batch is None:
+        counts = torch.zeros(B, dtype=torch.int64, device=device)
+        counts[0] = N
+    else:
+        counts = torch.bincount(batch, minlength=B)
+    N_max = int(counts.max()) if B > 0 else 0
+    if N == 0:
+        z = torch.zeros(B, dtype=f64, device=device)
+        zero = (x.sum() + s.sum()).to(dt) * 0  # keeps the autograd graph to x and s
+        return (zero + x.new_zeros(B, C, Fdim, dtype=dt), zero + x.new_zeros(B, C, C, dtype=dt),
+                z + zero.to(f64), z + zero.to(f64), counts, N_max)
+
+    # ---- coalesce the edges: unique (row, col) sorted, their summed weights
+    key = inp.row * N + inp.col
+    w = inp.weight.to(dt) if inp.weight is not None else None
+    if key.numel() < 2 or bool((key[1:] > key[:-1]).all()):
+        ukey, inv = key, None
+    else:
+        ukey, inv = torch.unique(key, sorted=True, return_inverse=True)
+    urow, ucol = (inp.row, inp.col) if inv is None else (ukey // N, ukey % N)
+    E1 = ukey.numel()
+    if inv is None:
+        A_val = w if w is not None else torch.ones(E1, dtype=dt, device=device)
+    elif w is not None:
+        A_val = w.new_zeros(E1).index_add(0, inv, w)
+    else:
+        A_val = torch.bincount(inv, minlength=E1).to(dt)
+    pattern = _Pattern(urow, ucol, N)
+    graph = None if batch is None or B == 1 else batch  # graph of each node (None: all in graph 0)
+    eg = None if graph is None else graph[urow]  # graph of each edge
+
+    # ---- S, its hard assignment H and D = S - H without cancellation. H_i = one-hot(argmax S_i)
+    # for a row more than half in one cluster, else 0: the identity holds for any such H, and
+    # this choice keeps every entry of D within [-1/2, 1/2].
+    S = _Softmax.apply(s.to(dt))
+    top, k = S.detach().max(dim=-1)
+    assigned = top > 0.5
+    hard = F_nn.one_hot(k, C).bool() & assigned[:, None]
+    d = -S.masked_fill(hard, 0.0).sum(-1)  # D[i, k_i] = S[i, k_i] - 1 = -(sum of the others)
+    D = torch.where(hard, d[:, None], S)
+    del hard
+    d64 = torch.where(assigned, d, 0.0).to(f64)
+
+    # ---- out = S^T x, out_adj = S^T A S, G = D^T D, K = H^T D: per graph
+    AS = _SpMM.apply(A_val, S, pattern)
+    blocks = _GraphBlocks(counts, B, N)
+    out, out_adj = blocks.products(S, [x.to(dt), AS])
+    Gd = _Gram64.apply(D, blocks)  # G = D^T D, float64
+    # (graph, hard cluster) of each assigned node; unassigned nodes go to a spare slot B*C
+    gk = k if graph is None else graph * C + k
+    gk = torch.where(assigned, gk, B * C)
+    Kd = _RowSum64.apply(D, gk, B * C + 1)[: B * C].view(B, C, C)  # K = H^T D, float64
+    m = torch.bincount(gk, minlength=B * C + 1)[: B * C].to(f64).view(B, C)
+    K_diag64 = d64.new_zeros(B * C + 1).index_add(0, gk, d64)[: B * C].view(B, C)
+
+    # ---- per-edge terms, on the coalesced edges
+    k_r, k_c, a_r, a_c = k[urow], k[ucol], assigned[urow], assigned[ucol]
+    same = (k_r == k_c) & a_r & a_c  # R_ij
+    T, dots = _EdgeT.apply(D, pattern, k_r, k_c, a_r, a_c)  # T = (S S^T - R)_ij, dots = <D_i, D_j>
+    del k_r, k_c, a_r, a_c
+    res = (A_val - same.to(dt)) - T  # (A - S S^T)_ij
+    edge_sq = _per_graph(res * res, eg, B)
+    same_f = same.to(dt)
+    n_same = _per_graph(same_f, eg, B)
+    lin_same = _per_graph(torch.where(same, d64[urow] + d64[ucol], 0.0), eg, B)
+    dots_same = _per_graph(dots * same_f, eg, B)
+    T_sq = _per_graph(T * T, eg, B)
+
+    # ---- the non-edge pairs: all pairs minus the edges, of R, 2 R T and T^2
+    G_diag = torch.diagonal(Gd, dim1=1, dim2=2)
+    r_off = (m * m).sum(1) - n_same
+    rt_off = 2.0 * (m * K_diag64).sum(1) - lin_same + Kd.square().sum((1, 2)) - dots_same
+    tt_all = (
+        2.0 * (m * G_diag).sum(1)
+        + 2.0 * (Kd * Kd.transpose(1, 2)).sum((1, 2))
+        + 4.0 * (Kd * Gd).sum((1, 2))
+        + Gd.square().sum((1, 2))
+    )
+    raw = edge_sq + r_off + 2.0 * rt_off + (tt_all - T_sq)
+    link_sq = raw.clamp_min(0.0)
+
+    ent_rows = _RowEntropy.apply(S)
+    ent_sum = _per_graph(ent_rows, graph, B)
+    return out, out_adj, link_sq, ent_sum, counts, N_max
