@@ -8,8 +8,8 @@ Environment variables (also listed in README.md):
   argument of the pooling ops for a whole program.
 - ``DIFFPOOL_FAST_FUSED``: ``0`` runs the GNN layer modules instead of the hand-written SAGE
   blocks (``diffpool_fast.nn.sage_blocks``).
-- ``DIFFPOOL_FAST_SPARSE``: ``0`` never, ``1`` always, otherwise automatic: whether level 0 of a
-  dense batch multiplies with a block-diagonal CSR copy of its adjacency.
+- ``DIFFPOOL_FAST_SPARSE``: ``0`` never, ``1`` always, otherwise automatic: whether training runs
+  level 0 on edge lists (``train --level0 auto``) instead of padded dense batches.
 - ``DIFFPOOL_FAST_DATA``: the default ``--data-root`` of TU datasets (else ``./data``).
 - ``DIFFPOOL_FAST_CACHE``: the writable cache of processed datasets (else
   ``~/.cache/diffpool_fast``).
@@ -33,7 +33,7 @@ TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
 ENVIRONMENT = (
     (BACKEND_ENV, "torch|triton|auto: the pooling backend for the whole program"),
     (FUSED_ENV, "0: run the GNN layer modules instead of the hand-written SAGE blocks"),
-    (SPARSE_ENV, "0 never, 1 always, else auto: block-diagonal CSR adjacency at level 0"),
+    (SPARSE_ENV, "0 never, 1 always, else auto: edge-list level 0 in train --level0 auto"),
     (DATA_ROOT_ENV, "default --data-root of TU datasets (else ./data)"),
     (CACHE_ENV, "cache folder of processed datasets (else ~/.cache/diffpool_fast)"),
     (TRITON_INTERPRET_ENV, "1: Triton's interpreter runs the kernels on CPU tensors"),

@@ -1,6 +1,7 @@
-"""Level 0 on a block-diagonal CSR adjacency (diffpool_fast.ops.block_sparse) against the dense path, in
-float64: the fused SAGE blocks, the torch coarsening and the whole classifier (loss, every
-parameter gradient, batch-norm running statistics)."""
+"""The block-diagonal CSR adjacency (diffpool_fast.ops.block_sparse) against the dense products, in
+float64: the fused SAGE blocks and the torch coarsening that take it. The classifier's sparse level
+0 is the edge list now (issue 12: one sparse level 0); its tests against the dense forward here
+(loss, every parameter gradient, batch-norm running statistics) and in test_sparse_model.py."""
 import copy
 
 import pytest
@@ -88,22 +89,29 @@ def test_fused_block_with_sparse_adjacency(F, norm, monkeypatch):
 @pytest.mark.parametrize("norm", [True, "none"])
 @pytest.mark.parametrize("symmetric", [True, None])
 @pytest.mark.parametrize("byte", [False, True])
-def test_classifier_sparse_level0_matches_dense(norm, symmetric, byte, monkeypatch):
+def test_classifier_edge_level0_matches_dense(norm, symmetric, byte):
+    """The classifier's one sparse level 0 is the edge list (issue 12): the batch's adjacency
+    as edges (its nonzeros, global ids) gives what the dense batch gives, incl. a fully padded
+    graph (num_graphs), the loss, every parameter gradient and the running statistics."""
     B, N, F = 6, 17, 5
     adj, mask = _graphs(B, N, 3, symmetric=bool(symmetric), byte=byte)
-    x = torch.randn(B, N, F, dtype=torch.float64)
+    x = torch.randn(B, N, F, dtype=torch.float64) * mask[..., None]
     y = torch.randint(0, 3, (B,))
     torch.manual_seed(0)
     model = DiffPoolClassifier(F, 3, max_nodes=N, hidden=8, batch_norm=norm, backend="torch",
                                adj_symmetric=symmetric).double()
     other = copy.deepcopy(model)
+    ids = torch.full((B, N), -1, dtype=torch.long)
+    ids[mask] = torch.arange(int(mask.sum()))
+    b, i, j = adj.nonzero(as_tuple=True)
+    edge_index = torch.stack([ids[b, i], ids[b, j]])
+    batch = torch.arange(B)[:, None].expand(B, N)[mask]
     res = []
-    for m, env in ((model, "0"), (other, "1")):
-        monkeypatch.setenv("DIFFPOOL_FAST_SPARSE", env)
+    for m, args, kw in ((model, (x, adj, mask), {}), (other, (x[mask], edge_index, batch), {"num_graphs": B})):
         for _ in range(2):  # two steps: running statistics follow
             for p in m.parameters():
                 p.grad = None
-            logits, aux = m(x, adj, mask)
+            logits, aux = m(*args, **kw)
             loss = torch.nn.functional.cross_entropy(logits, y) + aux
             loss.backward()
         res.append((loss.detach(), [p.grad for p in m.parameters()], [b.clone() for b in m.buffers()]))
@@ -114,28 +122,27 @@ def test_classifier_sparse_level0_matches_dense(norm, symmetric, byte, monkeypat
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
-def test_classifier_uses_sparse_only_where_asked(monkeypatch):
+def test_classifier_has_no_csr_level0(monkeypatch):
+    """A dense batch runs dense whatever DIFFPOOL_FAST_SPARSE says: the variable now chooses
+    between dense and edge-list batches in the loader (diffpool_fast.sparse_data.prefer_sparse)."""
     import diffpool_fast.nn.model as model_mod
 
+    assert not hasattr(model_mod, "BlockSparseAdj")
     built = []
-    orig = model_mod.BlockSparseAdj
+    orig = BlockSparseAdj.__init__
 
-    def spy(*a, **k):
+    def spy(self, *a, **k):
         built.append(a[0].shape)
-        return orig(*a, **k)
+        orig(self, *a, **k)
 
-    monkeypatch.setattr(model_mod, "BlockSparseAdj", spy)
+    monkeypatch.setattr(BlockSparseAdj, "__init__", spy)
     adj, mask = _graphs(3, 9, 4, symmetric=True)
     x = torch.randn(3, 9, 4, dtype=torch.float64)
     m = DiffPoolClassifier(4, 2, max_nodes=9, hidden=8, backend="torch").double()
-    monkeypatch.setenv("DIFFPOOL_FAST_SPARSE", "0")
-    m(x, adj, mask)
-    monkeypatch.setenv("DIFFPOOL_FAST_SPARSE", "auto")
-    m(x, adj, mask)  # 9 nodes: far below the automatic threshold
+    for env in ("0", "auto", "1"):
+        monkeypatch.setenv("DIFFPOOL_FAST_SPARSE", env)
+        m(x, adj, mask)
     assert built == []
-    monkeypatch.setenv("DIFFPOOL_FAST_SPARSE", "1")
-    m(x, adj, mask)
-    assert built == [(3, 9, 9)]  # level 0 only
 
 
 def test_worth_it_auto_rule(monkeypatch):

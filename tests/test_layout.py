@@ -20,7 +20,7 @@ LAYERS = {
     "config": 0, "errors": 0,
     "kernels": 1,
     "ops": 2, "pool": 2,  # pool.py: the old module path, a re-export
-    "nn": 3, "data": 3, "model": 3,  # model.py: the old module path, a re-export
+    "nn": 3, "data": 3, "sparse_data": 3, "model": 3,  # model.py: the old module path, a re-export
     "profiling": 4,
     "train": 5,
     "cli": 6, "__main__": 6,

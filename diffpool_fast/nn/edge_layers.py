@@ -102,14 +102,16 @@ def _gin(layer: DenseGIN, x: Tensor, row: Tensor, col: Tensor, w: Optional[Tenso
 
 
 def edge_forward(layer: nn.Module, x: Tensor, edge_index: Tensor, edge_weight: Optional[Tensor] = None,
-                 *, add_loop: bool = True) -> Tensor:
+                 *, add_loop: bool = True, check: bool = True) -> Tensor:
     """``layer``'s dense forward on the adjacency of ``edge_index``, computed from the edges.
 
     ``layer``: a :class:`~diffpool_fast.nn.layers.DenseSAGE`, ``DenseGCN`` or ``DenseGIN``.
     ``x`` [N, F]; ``edge_index`` [2, E]; ``edge_weight`` [E] or None (all ones). Returns [N, F'].
-    ``add_loop`` as in the GCN and GIN layers' dense forward (SAGE has none).
+    ``add_loop`` as in the GCN and GIN layers' dense forward (SAGE has none). ``check=False``
+    skips :func:`check_edges` (a caller running several layers on one edge list checks once).
     """
-    check_edges(x, edge_index, edge_weight)
+    if check:
+        check_edges(x, edge_index, edge_weight)
     row, col = edge_index[0].long(), edge_index[1].long()
     if isinstance(layer, DenseSAGE):
         return _sage(layer, x, row, col, edge_weight)

@@ -4,6 +4,12 @@
 Shapes: x [B, N, F], adj [B, N, N] (float, or bool/uint8 for a binary input graph), mask [B, N]
 (True = real node, or None). After a pooling level every one of the C clusters is a real node,
 so levels >= 1 run without a mask.
+
+The classifier also takes a batch in PyG's sparse form, ``(x [N, F], edge_index [2, E], batch
+[N])``: level 0 then runs on the edge list (:mod:`diffpool_fast.nn.edge_layers` and
+:func:`diffpool_fast.ops.sparse_pool.sparse_diff_pool`), with no N x N tensor and no padding, and
+computes what the dense form of the same batch computes (``to_dense_batch``/``to_dense_adj``,
+each graph padded to the batch's largest), up to rounding. Levels >= 1 are dense either way.
 """
 from __future__ import annotations
 
@@ -15,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import fused_enabled
-from ..ops.block_sparse import BlockSparseAdj
-from ..ops.block_sparse import worth_it as sparse_worth_it
 from ..ops.pool import pool_with_adj_op
+from ..ops.sparse_pool import sparse_diff_pool
+from .edge_layers import check_edges, edge_forward
 from .layers import LAYER_TYPES, DenseSAGE, MaskedBatchNorm, _batched, make_layer
 from .sage_blocks import sage_blocks
 
@@ -151,6 +157,24 @@ class DenseGNN(nn.Module):
                 x = x * mask.unsqueeze(-1).to(x.dtype)
         return x
 
+    def forward_edges(self, x: Tensor, edge_index: Tensor, edge_weight: Optional[Tensor] = None, *,
+                      check: bool = True) -> Tensor:
+        """:meth:`forward` on an edge list: x [N, F] over all graphs' nodes, ``edge_index`` [2, E]
+        (see :func:`diffpool_fast.nn.edge_layers.edge_forward`); returns [N, out_channels].
+        Every node is real, so batch norm takes its statistics over all N rows -- what the dense
+        forward takes over the real rows of the padded form."""
+        if check:
+            check_edges(x, edge_index, edge_weight)
+        outs = []
+        for i, conv in enumerate(self.convs):
+            x = F.relu(edge_forward(conv, x, edge_index, edge_weight, check=False))
+            if self.norms is not None:
+                norm = self.norms[i]
+                x = norm(x.unsqueeze(0)).squeeze(0) if isinstance(norm, MaskedBatchNorm) else norm(x)
+            outs.append(x)
+        x = torch.cat(outs, dim=-1) if self.jk and len(outs) > 1 else outs[-1]
+        return self._finish(x, None)
+
 
 class DiffPoolOutput(NamedTuple):
     x: Tensor  # pooled features S^T Z [B, C, F]
@@ -212,11 +236,9 @@ class DiffPool(nn.Module):
         #: Run the two GNNs side by side as one fused node where both are fusable SAGE blocks.
         self.pair_gnns = True
 
-    def _gnns(self, x: Tensor, adj: Tensor, mask: Optional[Tensor],
-              sparse_adj: Optional[BlockSparseAdj] = None) -> Tuple[Tensor, Tensor]:
+    def _gnns(self, x: Tensor, adj: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Assignment logits and embedding. Where both GNNs are fused SAGE blocks with one layer
-        count and norm choice, they run side by side as one autograd node (diffpool_fast.nn.sage_blocks),
-        with ``sparse_adj`` (the same adjacency as a BlockSparseAdj) for the products where given."""
+        count and norm choice, they run side by side as one autograd node (diffpool_fast.nn.sage_blocks)."""
         a, e = self.assign, self.embed
         x3, adj3, mask3 = _batched(x, adj, mask)
         if mask3 is not None and mask3.dtype != torch.bool:
@@ -225,25 +247,21 @@ class DiffPool(nn.Module):
         if (count is not None and e._fused_count(x3, adj3, mask3, count) is not None and len(a.convs) == len(e.convs)
                 and (a.norms is None) == (e.norms is None)
                 and (a.norms is None or len({n.eps for n in list(a.norms) + list(e.norms)}) == 1)):
-            z, s = sage_blocks(x3, adj3 if sparse_adj is None else sparse_adj, mask3, count,
-                               [(e.convs, e.norms), (a.convs, a.norms)])
+            z, s = sage_blocks(x3, adj3, mask3, count, [(e.convs, e.norms), (a.convs, a.norms)])
             return a._finish(s, mask3), z
         if not adj.is_floating_point():
             adj = adj.to(x.dtype)
         return a(x, adj, mask), e(x, adj, mask)
 
-    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None, *,
-                sparse_adj: Optional[BlockSparseAdj] = None) -> DiffPoolOutput:
-        """``sparse_adj``: ``adj`` as a :class:`diffpool_fast.ops.block_sparse.BlockSparseAdj` (input graphs
-        only, no gradient for adj): the fused GNNs and the torch coarsening multiply with it."""
-        s, z = self._gnns(x, adj, mask, sparse_adj)
+    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None) -> DiffPoolOutput:
+        s, z = self._gnns(x, adj, mask)
         if self.link_norm == "graph":
             # Per-graph losses averaged over the graphs that have nodes: unlike the batch-wide
             # entropy (divided by B*N, padding included), this does not change with how far a
             # batch is padded, so size-bucketed and fully padded batches train the same model.
             out, out_adj, link_g, ent_g = pool_with_adj_op(
                 z, adj, s, mask, normalize="graph", backend=self.backend, per_graph=True,
-                adj_symmetric=self.adj_symmetric, adj_op=sparse_adj,
+                adj_symmetric=self.adj_symmetric,
             )
             if mask is None:
                 link, ent = link_g.mean(), ent_g.mean()
@@ -254,9 +272,61 @@ class DiffPool(nn.Module):
         else:
             out, out_adj, link, ent = pool_with_adj_op(
                 z, adj, s, mask, normalize=self.link_norm, backend=self.backend,
-                adj_symmetric=self.adj_symmetric, adj_op=sparse_adj,
+                adj_symmetric=self.adj_symmetric,
             )
         return DiffPoolOutput(out, out_adj, link, ent, z, s)
+
+    def forward_edges(self, x: Tensor, edge_index: Tensor, batch: Tensor, num_graphs: int,
+                      edge_weight: Optional[Tensor] = None) -> DiffPoolOutput:
+        """:meth:`forward` on a sparse batch: x [N, F], ``edge_index`` [2, E], ``batch`` [N] (sorted
+        graph ids), ``num_graphs`` B. Returns the same outputs as the dense form of the batch
+        (each graph padded to the largest): x [B, C, F] and adj [B, C, C] dense, the losses as
+        :meth:`forward` scales them; ``embedding`` [N, F] and ``assignment`` [N, C] per node."""
+        check_edges(x, edge_index, edge_weight)
+        s = self.assign.forward_edges(x, edge_index, edge_weight, check=False)
+        z = self.embed.forward_edges(x, edge_index, edge_weight, check=False)
+        # The edge pass has no Triton kernel: level 0 runs the torch one under backend="triton".
+        backend = "torch" if self.backend == "triton" else self.backend
+        if self.link_norm == "graph":
+            out, out_adj, link_g, ent_g = sparse_diff_pool(
+                z, edge_index, s, batch, edge_weight, normalize="graph", num_graphs=num_graphs,
+                per_graph=True, backend=backend,
+            )
+            real = (torch.bincount(batch, minlength=num_graphs) > 0).to(link_g.dtype)
+            count = real.sum().clamp_min(1.0)
+            link, ent = (link_g * real).sum() / count, (ent_g * real).sum() / count
+        else:
+            out, out_adj, link, ent = sparse_diff_pool(
+                z, edge_index, s, batch, edge_weight, normalize=self.link_norm, num_graphs=num_graphs,
+                backend=backend,
+            )
+        return DiffPoolOutput(out, out_adj, link, ent, z, s)
+
+
+def _segment_readout(x: Tensor, batch: Tensor, num_graphs: int, how: str) -> Tensor:
+    """:func:`_readout` of the dense form of a sparse batch: per graph over its rows of x [N, F]
+    (``batch`` [N] graph ids); a graph without nodes reads out 0."""
+    count = torch.bincount(batch, minlength=num_graphs)
+    if how == "max":
+        # Start from -inf: scatter_reduce's backward counts the initial value as a tie even with
+        # include_self=False, so a start of 0 would take a share of the gradient of a 0 maximum.
+        # Tied maxima share the gradient where the dense max gives it all to one of them: both
+        # are subgradients, and the same one where tied rows are equal functions of the
+        # parameters (a channel that ReLU zeroes for every node, then normalised).
+        vals = x.new_full((num_graphs, x.shape[-1]), float("-inf")).scatter_reduce(
+            0, batch.unsqueeze(-1).expand_as(x), x, "amax", include_self=False)
+        return torch.where((count > 0).unsqueeze(-1), vals, torch.zeros_like(vals))
+    total = x.new_zeros(num_graphs, x.shape[-1]).index_add(0, batch, x)
+    if how == "sum":
+        return total
+    return total / count.clamp_min(1).to(x.dtype).unsqueeze(-1)
+
+
+def _is_edge_list(x: Tensor, adj: Tensor) -> bool:
+    """Whether ``forward(x, adj)`` got an edge list: x [N, F] with an integer [2, E] tensor that
+    is not an [N, N] adjacency (pass ``batch=`` to settle N = E = 2)."""
+    return (x.dim() == 2 and adj.dim() == 2 and adj.shape[0] == 2 and adj.dtype in (torch.int64, torch.int32)
+            and tuple(adj.shape) != (x.shape[0], x.shape[0]))
 
 
 def _readout(x: Tensor, mask: Optional[Tensor], how: str) -> Tensor:
@@ -321,6 +391,17 @@ class DiffPoolClassifier(nn.Module):
     levels (a 0-dim tensor; 0 when ``num_levels == 0``). The training loss is
     ``cross_entropy(logits, y) + aux``. ``forward(..., return_terms=True)`` also returns a dict
     with the unweighted ``link`` and ``ent`` sums (tensors).
+
+    PyG-style sparse batches: ``forward(x, edge_index, batch)`` with x [N, F] (all graphs' nodes),
+    ``edge_index`` [2, E] int64 (global node ids, edge i -> j sets A[i, j]; duplicates sum their
+    ``edge_weight``, default 1) and ``batch`` [N] sorted graph ids (None: one graph); the third
+    positional argument is then ``batch``, not a mask, or pass ``batch=`` (needed when N = E = 2,
+    where [2, 2] would read as a dense adjacency). ``num_graphs=`` gives B when trailing graphs
+    have no nodes (default ``batch.max() + 1``). Level 0 (its GNNs, the level-0 readout and the
+    pooling, or with no pooling level the final GNN and readout) runs on the edge list in
+    O(E F + N (C + F)) memory; the result is the dense forward of ``to_dense_batch(x, batch)``,
+    ``to_dense_adj(edge_index, batch, edge_weight)`` and its mask, up to rounding (the dense
+    path's fused SAGE blocks sum in another order).
     """
 
     def __init__(
@@ -390,33 +471,45 @@ class DiffPoolClassifier(nn.Module):
     def num_levels(self) -> int:
         return len(self.levels)
 
-    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None, *, return_terms: bool = False):
+    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None, *, batch: Optional[Tensor] = None,
+                edge_weight: Optional[Tensor] = None, num_graphs: Optional[int] = None,
+                return_terms: bool = False):
+        if batch is not None or _is_edge_list(x, adj):
+            if batch is None:
+                batch = mask  # forward(x, edge_index, batch): the third argument is the batch vector
+            elif mask is not None:
+                raise ValueError("pass the batch vector once: as the third argument or as batch=, not both")
+            return self._forward_edges(x, adj, batch, edge_weight, num_graphs, return_terms)
+        if edge_weight is not None or num_graphs is not None:
+            raise ValueError("edge_weight and num_graphs belong to the edge-list form forward(x, edge_index, batch)")
         if x.dim() == 2:
             x, adj = x.unsqueeze(0), adj.unsqueeze(0)
             mask = mask.reshape(1, -1) if mask is not None else None
         if mask is not None and mask.dtype != torch.bool:
             mask = mask != 0
-        # Large sparse input graphs: level 0 multiplies with a block-diagonal CSR matrix instead
-        # (diffpool_fast.ops.block_sparse); a byte adjacency is then not converted to a dense float copy.
-        sparse_adj = None
-        if self.levels and x.dtype in (torch.float32, torch.float64) and sparse_worth_it(adj):
-            sparse_adj = BlockSparseAdj(adj, x.dtype, symmetric=bool(self.levels[0].adj_symmetric))
         # One conversion of a byte adjacency for all the layers and the pooling of level 0.
-        elif not adj.is_floating_point():
+        if not adj.is_floating_point():
             adj = adj.to(x.dtype)
         reads = []
         link = x.new_zeros(())
         ent = x.new_zeros(())
-        for level in self.levels:
-            out = level(x, adj, mask, sparse_adj=sparse_adj)
-            sparse_adj = None
+        return self._levels(x, adj, mask, self.levels, reads, link, ent, return_terms)
+
+    def _levels(self, x: Tensor, adj: Tensor, mask: Optional[Tensor], levels, reads: List[Tensor],
+                link: Tensor, ent: Tensor, return_terms: bool, final_read: Optional[Tensor] = None):
+        """The dense levels ``levels``, the final GNN (unless ``final_read`` already holds its
+        readout), the readout and the head."""
+        for level in levels:
+            out = level(x, adj, mask)
             if self.readout_levels == "all":
                 reads.append(_readout(out.embedding, mask, self.readout))
             x, adj, mask = out.x, out.adj, None
             link = link + out.link_loss
             ent = ent + out.ent_loss
-        z = self.final(x, adj, mask)
-        reads.append(_readout(z, mask, self.readout))
+        if final_read is None:
+            z = self.final(x, adj, mask)
+            final_read = _readout(z, mask, self.readout)
+        reads.append(final_read)
         h = torch.cat(reads, dim=-1) if len(reads) > 1 else reads[0]
         h = F.dropout(h, self.dropout, self.training)
         logits = self.head(h)
@@ -424,3 +517,33 @@ class DiffPoolClassifier(nn.Module):
         if return_terms:
             return logits, aux, {"link": link, "ent": ent}
         return logits, aux
+
+    def _forward_edges(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor],
+                       edge_weight: Optional[Tensor], num_graphs: Optional[int], return_terms: bool):
+        """Level 0 on the edge list, then the dense levels (see the class docstring)."""
+        check_edges(x, edge_index, edge_weight)
+        n = x.shape[0]
+        if batch is None:
+            batch = torch.zeros(n, dtype=torch.long, device=x.device)
+        if not isinstance(batch, Tensor) or batch.dim() != 1 or batch.shape[0] != n:
+            raise ValueError(f"batch must be a [N] = [{n}] tensor of graph ids, got {getattr(batch, 'shape', batch)}")
+        if batch.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"batch must hold int64 graph ids, got dtype {batch.dtype}")
+        batch = batch.long()
+        needed = int(batch.max()) + 1 if n else 1
+        B = needed if num_graphs is None else int(num_graphs)
+        if B < needed:
+            raise ValueError(f"num_graphs={num_graphs} is smaller than batch.max() + 1 = {needed}")
+        reads: List[Tensor] = []
+        link = x.new_zeros(())
+        ent = x.new_zeros(())
+        if not self.levels:
+            z = self.final.forward_edges(x, edge_index, edge_weight, check=False)
+            read = _segment_readout(z, batch, B, self.readout)
+            return self._levels(x, None, None, [], reads, link, ent, return_terms, final_read=read)
+        out = self.levels[0].forward_edges(x, edge_index, batch, B, edge_weight)
+        if self.readout_levels == "all":
+            reads.append(_segment_readout(out.embedding, batch, B, self.readout))
+        link = link + out.link_loss
+        ent = ent + out.ent_loss
+        return self._levels(out.x, out.adj, None, self.levels[1:], reads, link, ent, return_terms)
