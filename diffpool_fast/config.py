@@ -13,6 +13,8 @@ Environment variables (also listed in README.md):
 - ``DIFFPOOL_FAST_DATA``: the default ``--data-root`` of TU datasets (else ``./data``).
 - ``DIFFPOOL_FAST_CACHE``: the writable cache of processed datasets (else
   ``~/.cache/diffpool_fast``).
+- ``DIFFPOOL_FAST_DIST_TIMEOUT``: seconds a data-parallel collective waits before a lost rank
+  stops the run (default 300).
 - ``TRITON_INTERPRET``: Triton's own switch; ``1`` runs the kernels on CPU tensors with NumPy.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ SPARSE_ENV = "DIFFPOOL_FAST_SPARSE"
 DATA_ROOT_ENV = "DIFFPOOL_FAST_DATA"
 CACHE_ENV = "DIFFPOOL_FAST_CACHE"
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
+DIST_TIMEOUT_ENV = "DIFFPOOL_FAST_DIST_TIMEOUT"
 
 #: (variable, meaning) for every variable above, for documentation and ``--help`` texts.
 ENVIRONMENT = (
@@ -37,6 +40,7 @@ ENVIRONMENT = (
     (DATA_ROOT_ENV, "default --data-root of TU datasets (else ./data)"),
     (CACHE_ENV, "cache folder of processed datasets (else ~/.cache/diffpool_fast)"),
     (TRITON_INTERPRET_ENV, "1: Triton's interpreter runs the kernels on CPU tensors"),
+    (DIST_TIMEOUT_ENV, "seconds a data-parallel collective waits for a lost rank (default 300)"),
 )
 
 #: the pooling backends a caller may ask for

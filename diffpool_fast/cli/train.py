@@ -122,6 +122,11 @@ def register(sub) -> None:
     _opt(t, "--seed", type=_nonneg_int, default=0, help="seed of the folds, the generated data, the initialisation and the batch order; any integer >= 0 (default: %(default)s)")
     _opt(t, "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available (default: %(default)s)")
     _opt(t, "--backend", choices=("auto", "torch", "triton"), default="auto", help="coarsening backend of dense_diff_pool (default: %(default)s)")
+    _opt(t, "--level0", choices=("auto", "dense", "sparse"), default="auto",
+         help="level 0 on padded dense batches, or on edge lists without padding (PyG's sparse form: O(E) memory, "
+              "no N x N tensor); auto: edge lists for the batches where they are faster (CPU, padded to "
+              "256 nodes or more, at most 5%% of the adjacency nonzero; DIFFPOOL_FAST_SPARSE=0/1 forces "
+              "dense/sparse) (default: %(default)s)")
     _opt(t, "--threads", type=_positive(int), default=None,
          help="torch CPU threads (default: torch's choice, lowered to the cores other processes leave idle; on --resume, the run's)")
 
@@ -153,10 +158,18 @@ def register(sub) -> None:
                "runs/<dataset>/) (default: off)")
     _opt(o, "--stop-after", type=_positive(int), default=None, help="stop after this many epochs in this invocation (checkpointed; continue with --resume) (default: no limit)")
     _opt(o, "--progress", choices=("auto", "on", "off"), default="auto", help="progress bars; auto: only on a terminal (default: %(default)s)")
+    par = p.add_argument_group("parallel (torch.distributed; see the README)")
+    _opt(par, "--nproc-per-node", type=_positive(int), default=None,
+         help="data-parallel training in K processes on this machine (DistributedDataParallel, gloo on CPU, NCCL "
+              "on CUDA), run through torchrun; --batch-size is per rank. The command also runs under torchrun "
+              "directly (several machines) (default: one process)")
+    _opt(par, "--fold-workers", type=_positive(int), default=None,
+         help="train the folds in K worker processes, one fold each at a time, max(1, cores // K) threads each "
+              "unless --threads; the same results as the sequential run (default: one process)")
     p.set_defaults(func=_run, **{EXPLICIT: frozenset()})
 
 
 def _run(args) -> int:
-    from ..train.loop import run
+    from ..train.parallel import dispatch
 
-    return run(args)
+    return dispatch(args)

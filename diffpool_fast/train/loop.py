@@ -22,6 +22,7 @@ the full configuration.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import platform
@@ -33,7 +34,7 @@ from ..config import triton_interpreting
 from ..errors import UsageError
 from ..profiling import provenance
 from ..profiling.provenance import auto_threads  # noqa: F401  (its home before it was shared)
-from . import resume
+from . import distributed, resume
 from .checkpoint import (
     CHECKPOINT,
     CKPT_VERSION,
@@ -51,7 +52,7 @@ METRICS = "metrics.csv"
 RESULTS = "results.json"
 
 # Options that do not change what a run computes: they may differ between a run and its resume.
-_RUNTIME_ONLY = resume.RUNTIME_ONLY
+_RUNTIME_ONLY = resume.RUNTIME_ONLY | {"nproc_per_node", "fold_workers", "only_fold"}  # train/distributed.py, fold_workers.py
 
 PROTOCOL = (
     "stratified {k}-fold cross-validation; in each fold a stratified {vf:.0%} of the training "
@@ -139,12 +140,15 @@ def _evaluate(model, loader, device):
     import torch
     import torch.nn.functional as F
 
+    from ..sparse_data import model_inputs
+
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
     with torch.no_grad():
         for b in loader.epoch():
             b = b.to(device)
-            logits, _ = model(b.x, b.adj, b.mask)
+            inputs, kw = model_inputs(b)  # a dense or a sparse (edge-list) batch: --level0
+            logits, _ = model(*inputs, **kw)
             loss_sum += float(F.cross_entropy(logits, b.y, reduction="sum"))
             correct += int((logits.argmax(-1) == b.y).sum())
             total += b.y.numel()
@@ -155,13 +159,16 @@ def _train_epoch(model, opt, loader, epoch, device, clip):
     import torch
     import torch.nn.functional as F
 
+    from ..sparse_data import model_inputs
+
     model.train()
     sums = {"loss": 0.0, "ce": 0.0, "link": 0.0, "ent": 0.0}
     correct = total = 0
     for b in loader.epoch(epoch):
         b = b.to(device)
         opt.zero_grad(set_to_none=True)
-        logits, aux, terms = model(b.x, b.adj, b.mask, return_terms=True)
+        inputs, kw = model_inputs(b)  # a dense or a sparse (edge-list) batch: --level0
+        logits, aux, terms = model(*inputs, **kw, return_terms=True)
         ce = F.cross_entropy(logits, b.y)
         loss = ce + aux
         if not torch.isfinite(loss):
@@ -356,7 +363,11 @@ def _load_data(args, state, ckpt_path: Path):
     splits = _fold_splits(ds, args.folds, args.val_fraction, args.seed)
     _check_splits(splits, len(ds), args)
     _warn_clusters(args.clusters, ds.max_nodes)
-    if state is not None:
+    if state is not None and getattr(args, "only_fold", None) is not None:
+        from .one_fold import check_progress
+
+        check_progress(state, args.only_fold, len(splits), args.epochs, ckpt_path)
+    elif state is not None:
         resume.check_progress(state, len(splits), args.epochs, ckpt_path)
     return ds, fp, dropped, splits
 
@@ -381,13 +392,16 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ..data import DenseLoader
     from ..nn.model import cluster_counts
+    from ..sparse_data import Level0Loader
 
     _validate(args)
-    out = _output_dir(args)
+    dist = distributed.start(args)  # one process (a no-op) outside torchrun
+    out = dist.same_everywhere(_output_dir(args))
     ckpt_path, metrics_path, results_path = out / CHECKPOINT, out / METRICS, out / RESULTS
     state = _open_run(args, out)
+    dist.check_world(state, out)
+    dist.barrier()  # every rank has looked at the folder before rank 0 writes in it
     cfg = _run_config(args)
     if args.norm == "batch" and args.bucket:
         print("diffpool-fast train: warning: --norm batch with size-bucketed batches: each batch's statistics "
@@ -399,6 +413,10 @@ def run(args) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     if args.backend == "triton" and device.type != "cuda" and not triton_interpreting():
         raise UsageError("--backend triton needs --device cuda (Triton kernels run on CUDA tensors); use --backend torch or auto on CPU")
+    device = dist.device(device)  # a rank's own GPU under torchrun
+    if dist.active and args.level0 == "sparse":
+        raise UsageError("--level0 sparse is not available with --nproc-per-node yet (the ranks' loaders are dense); "
+                         "use --level0 dense or auto (auto is dense there)")
 
     created = _prepare_out(out)
     try:
@@ -418,7 +436,7 @@ def run(args) -> int:
         raise
     for note in (state or {}).pop("notes", []):
         print(f"diffpool-fast train: {note}", file=sys.stderr)
-    removed = remove_stale_temps(out)
+    removed = remove_stale_temps(out) if dist.writer else []
     if removed:
         print(f"diffpool-fast train: removed {len(removed)} temporary file(s) of an interrupted write in {out}/",
               file=sys.stderr)
@@ -427,28 +445,36 @@ def run(args) -> int:
 
     if state is None:
         state = _fresh_state(cfg, fp, args)
-        _rewrite_metrics(metrics_path, [])
-        save_checkpoint(ckpt_path, state)  # from here on, --resume --out alone continues the run
-    else:
+        state["fold"] = getattr(args, "only_fold", None) or 0  # fold_workers: a run of one fold
+        dist.record(state)
+        if dist.writer:
+            _rewrite_metrics(metrics_path, [])
+            save_checkpoint(ckpt_path, state)  # from here on, --resume --out alone continues the run
+    elif dist.writer:
         # The checkpoint is the truth: drop CSV rows written after it (a crash between the two).
         _rewrite_metrics(metrics_path, state["history"])
 
-    progress = {"auto": None, "on": False, "off": True}[args.progress]
+    progress = {"auto": None, "on": False, "off": True}[args.progress] if dist.writer else True
     t_start = time.perf_counter() - state["elapsed"]
     epochs_this_run = 0
     stopped = False
     meta = {"dataset_summary": summary, "device": str(device)}
-    print(f"diffpool-fast train: {summary['name']}, {summary['graphs']} graphs, {summary['classes']} classes, "
-          f"{summary['features']} features, max {summary['max_nodes']} nodes; {args.folds} fold(s) x {args.epochs} epochs "
-          f"on {device}; writing {out}/", file=sys.stderr)
+    if dist.writer:
+        print(f"diffpool-fast train: {summary['name']}, {summary['graphs']} graphs, {summary['classes']} classes, "
+              f"{summary['features']} features, max {summary['max_nodes']} nodes; {args.folds} fold(s) x {args.epochs} epochs "
+              f"on {device}; writing {out}/" + (f" ({dist.world} ranks)" if dist.active else ""), file=sys.stderr)
 
     fold_bar = tqdm(total=len(splits), initial=state["fold"], desc="folds", unit="fold", disable=progress, position=0)
     try:
-        for fold in range(state["fold"], len(splits)):
+        last = len(splits) if getattr(args, "only_fold", None) is None else args.only_fold + 1
+        train_epoch, evaluate = (dist.train_epoch, dist.evaluate) if dist.active else (_train_epoch, _evaluate)
+        # --level0: dense or sparse (edge-list) batches, the same graphs in each (sparse_data.Level0Loader)
+        load = dist.loader if dist.active else functools.partial(Level0Loader, level0=args.level0, device=device)
+        for fold in range(state["fold"], last):
             tr, va, te = splits[fold]
-            train_loader = DenseLoader(ds, tr, batch_size=args.batch_size, shuffle=True, bucket=args.bucket, seed=_seed_for(args.seed, fold, -2))
-            val_loader = DenseLoader(ds, va, batch_size=args.batch_size, bucket=args.bucket)
-            test_loader = DenseLoader(ds, te, batch_size=args.batch_size, bucket=args.bucket)
+            train_loader = load(ds, tr, batch_size=args.batch_size, shuffle=True, bucket=args.bucket, seed=_seed_for(args.seed, fold, -2))
+            val_loader = load(ds, va, batch_size=args.batch_size, bucket=args.bucket)
+            test_loader = load(ds, te, batch_size=args.batch_size, bucket=args.bucket)
             torch.manual_seed(_seed_for(args.seed, fold, -1))
             model = _build_model(cfg, ds).to(device)
             opt = _adam(model, args.lr, args.weight_decay)
@@ -466,23 +492,25 @@ def run(args) -> int:
                 torch.manual_seed(_seed_for(args.seed, fold, epoch))
                 t0 = time.perf_counter()
                 try:
-                    tm = _train_epoch(model, opt, train_loader, epoch, device, args.clip)
+                    tm = train_epoch(model, opt, train_loader, epoch, device, args.clip)
                 except FloatingPointError as err:
                     raise UsageError(f"fold {fold + 1}: {err}: training diverged (try a smaller --lr, or --clip); "
                                      f"the checkpoint keeps the epochs before") from None
                 t_train = time.perf_counter() - t0
-                val_loss, val_acc = _evaluate(model, val_loader, device)
-                test_loss, test_acc = _evaluate(model, test_loader, device)
+                val_loss, val_acc = evaluate(model, val_loader, device)
+                test_loss, test_acc = evaluate(model, test_loader, device)
                 row = {"fold": fold + 1, "epoch": epoch + 1, "train_loss": tm["loss"], "train_ce": tm["ce"],
                        "train_link": tm["link"], "train_ent": tm["ent"], "train_acc": tm["acc"],
                        "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
                        "train_seconds": t_train, "epoch_seconds": time.perf_counter() - t0}
                 rows.append(row)
                 state["history"].append(row)
-                _append_metrics(metrics_path, row)
+                if dist.writer:
+                    _append_metrics(metrics_path, row)
                 state.update(fold=fold, epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(),
                              rng=rng_state(), elapsed=time.perf_counter() - t_start)
-                save_checkpoint(ckpt_path, state)
+                if dist.writer:
+                    save_checkpoint(ckpt_path, state)
                 epochs_this_run += 1
                 ep_bar.update(1)
                 ep_bar.set_postfix(loss=f"{tm['loss']:.3f}", val=f"{val_acc:.3f}", test=f"{test_acc:.3f}")
@@ -501,15 +529,19 @@ def run(args) -> int:
             # The finished fold's final model is kept (last_model) for users and for checking resume.
             state.update(fold=fold + 1, epoch=0, model=None, optimizer=None, rng=None, last_model=model.state_dict(),
                          elapsed=time.perf_counter() - t_start)
-            save_checkpoint(ckpt_path, state)
+            if dist.writer:
+                save_checkpoint(ckpt_path, state)
             fold_bar.update(1)
             fold_bar.set_postfix(test=f"{fres['test_acc']:.3f}")
-            tqdm.write(f"fold {fold + 1}/{len(splits)}: test acc {fres['test_acc']:.4f} at epoch {fres['best_epoch']} "
-                       f"(val {fres['best_val_acc']:.4f}); train loss {fres['first_train_loss']:.4f} -> {fres['final_train_loss']:.4f}; "
-                       f"{fres['train_seconds_per_epoch']:.2f} s/epoch", file=sys.stderr)
+            if dist.writer:
+                tqdm.write(f"fold {fold + 1}/{len(splits)}: test acc {fres['test_acc']:.4f} at epoch {fres['best_epoch']} "
+                           f"(val {fres['best_val_acc']:.4f}); train loss {fres['first_train_loss']:.4f} -> {fres['final_train_loss']:.4f}; "
+                           f"{fres['train_seconds_per_epoch']:.2f} s/epoch", file=sys.stderr)
     finally:
         fold_bar.close()
 
+    if not dist.writer:
+        return 0
     if stopped:
         print(f"stopped after {epochs_this_run} epoch(s) (--stop-after); continue with --resume --out {out}", file=sys.stderr)
         return 0
