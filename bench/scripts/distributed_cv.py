@@ -37,7 +37,7 @@ CONFIGS = {
     "ddp2": ["--nproc-per-node", "2", "--threads", "1"],
 }
 CONFIGS["seq-repeat"] = CONFIGS["seq"]
-CONFIGS["seq1"] = ["--threads", "1"]  # one process, one thread: what avoiding the contention alone gives  # the sequential run once more, after the others: the noise
+CONFIGS["seq1"] = ["--threads", "1"]  # one process, one thread: what avoiding the contention alone gives
 
 
 def main(argv=None) -> int:

@@ -549,7 +549,8 @@ def run(args) -> int:
     results = {
         "dataset": args.dataset,
         "protocol": PROTOCOL.format(k=args.folds, vf=args.val_fraction, epochs=args.epochs) if args.folds > 1 else
-        f"one stratified split (10% test, {args.val_fraction:.0%} of the rest validation); test accuracy at the epoch of best validation accuracy; {args.epochs} epochs",
+        f"one stratified split (10% test, {args.val_fraction:.0%} of the rest validation); "
+        f"test accuracy at the epoch of best validation accuracy; {args.epochs} epochs",
         "folds": state["fold_results"],
         **_summarise(state["fold_results"]),
         "epochs": args.epochs,
