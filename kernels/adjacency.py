@@ -27,11 +27,18 @@ Gradient (``adjacency_bwd``)::
 
 i.e. S G S^T + 2 g (A - S S^T), one read of A and one write of dA, only when A needs a gradient.
 
-Dot precision: ``tf32``. These are the O(N^2 C) products; at tf32 tensor-core rate (~495 TF/s)
-A S is memory-bound for C up to ~300 on an H100, while tf32x3 would triple the tensor work and
-make C = 128 compute-bound, and plain fp32 (``ieee``, ~60 TF/s) would be 3.6x slower than the
-read of A. A as bool/uint8/fp16/bf16 converts to tf32 exactly, so only S is rounded (relative
-error <= 2^-11 per product, fp32 accumulation); tests allow for that.
+Dot precision: the ``input_precision`` argument of every launch helper (a ``DOT_PRECISION``
+constexpr of the kernels), which the package picks from ``torch.get_float32_matmul_precision()``
+(``diffpool_fast.ops.coarsen_triton.dot_precision``), as PyTorch's own CUDA matmuls do:
+
+- ``"tf32x3"`` under ``"highest"`` (PyTorch's default): each operand split into a tf32 high and
+  low part, three tensor-core products, about fp32 accuracy (A as bool/uint8/fp16/bf16 has no
+  low part, so S is kept to ~21 bits). These are the O(N^2 C) products: tf32x3 triples the
+  tensor work, which makes A S compute-bound on an H100 above C ~ 100 (~165 TF/s effective
+  against ~3 TB/s of A), still 3x the speed of plain fp32 (``ieee``, ~60 TF/s).
+- ``"tf32"`` under ``"high"`` or ``"medium"``: one tf32 product, memory-bound for C up to ~300
+  on an H100 (~495 TF/s); S rounded to 10 mantissa bits (relative error <= 2^-11 per product,
+  fp32 accumulation), as PyTorch's tf32 matmuls.
 """
 from __future__ import annotations
 
@@ -43,7 +50,16 @@ import triton.language as tl
 
 from . import register_cap
 
-ADJ_DOT_PRECISION = "tf32"
+#: the dot precisions the launch helpers take (``input_precision``); the compile check builds both
+ADJ_DOT_PRECISIONS = ("tf32x3", "tf32")
+#: the default of the launch helpers: fp32-grade, as torch's "highest" matmul precision
+ADJ_DOT_PRECISION = "tf32x3"
+
+
+def _check_precision(input_precision: str) -> str:
+    if input_precision not in ADJ_DOT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {ADJ_DOT_PRECISIONS}, got {input_precision!r}")
+    return input_precision
 
 
 class AdjConfig(NamedTuple):
@@ -64,12 +80,18 @@ _ADJ_TABLE = {
     256: (64, 32, 8, 2),
     512: (32, 16, 8, 2),
 }
+# tf32x3 holds each operand tile twice (high and low parts): half-height row blocks where the
+# tf32 ones spill (C_PAD = 64 with the symmetry check, C_PAD = 256; compile-check, sm_80/sm_90)
+_ADJ_TABLES = {"tf32": _ADJ_TABLE,
+               "tf32x3": {**_ADJ_TABLE, 64: (32, 32, 4, 3), 256: (32, 32, 8, 2)}}
 
 
 def adjacency_config(N: int, c_pad: int, block_m: Optional[int] = None,
-                     block_k: Optional[int] = None) -> AdjConfig:
-    """Block sizes keyed on C_PAD and bucketed N (row blocks no taller than N's bucket)."""
-    bm, bk, num_warps, num_stages = _ADJ_TABLE[c_pad]
+                     block_k: Optional[int] = None,
+                     input_precision: str = ADJ_DOT_PRECISION) -> AdjConfig:
+    """Block sizes keyed on C_PAD, the dot precision and bucketed N (row blocks no taller than
+    N's bucket)."""
+    bm, bk, num_warps, num_stages = _ADJ_TABLES[_check_precision(input_precision)][c_pad]
     if block_m is None:
         block_m = min(bm, max(16, triton.next_power_of_2(N)))
     if block_m < bm:
@@ -77,12 +99,13 @@ def adjacency_config(N: int, c_pad: int, block_m: Optional[int] = None,
     return AdjConfig(block_m, block_k or bk, num_warps, num_stages)
 
 
-def adjacency_configs():
-    """Every (C_PAD, AdjConfig) ``adjacency_config`` can return (for the compile check)."""
+def adjacency_configs(input_precision: str = ADJ_DOT_PRECISION):
+    """Every (C_PAD, AdjConfig) ``adjacency_config`` can return at one dot precision (for the
+    compile check)."""
     out = []
     for c_pad in (16, 32, 64, 128, 256, 512):
         for N in (16, 32, 64, 128, 4096):
-            cfg = adjacency_config(N, c_pad)
+            cfg = adjacency_config(N, c_pad, input_precision=input_precision)
             if (c_pad, cfg) not in out:
                 out.append((c_pad, cfg))
     return out
@@ -157,7 +180,8 @@ def _adj_arg(adj: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_adjacency_fwd(a, S, out, part_ptr, flag_ptr, cfg: AdjConfig, c_pad: int, *,
-                          transpose: bool, fwd_terms: bool, check_sym: bool, skip_symmetric: bool):
+                          transpose: bool, fwd_terms: bool, check_sym: bool, skip_symmetric: bool,
+                          input_precision: str):
     """One launch of ``adjacency_fwd_kernel``: A S, or A^T S with A's row and column strides
     swapped (``transpose``)."""
     B, N, C = S.shape
@@ -169,30 +193,33 @@ def _launch_adjacency_fwd(a, S, out, part_ptr, flag_ptr, cfg: AdjConfig, c_pad: 
         a.stride(0), row_stride, col_stride,
         FWD_TERMS=fwd_terms, CHECK_SYM=check_sym, SKIP_SYMMETRIC=skip_symmetric,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, C_PAD=c_pad,
-        DOT_PRECISION=ADJ_DOT_PRECISION,
+        DOT_PRECISION=_check_precision(input_precision),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=register_cap(cfg.num_warps),
     )
 
 
 def adjacency_fwd(adj: torch.Tensor, S: torch.Tensor, check_sym: bool,
-                  block_m: Optional[int] = None, block_k: Optional[int] = None):
+                  block_m: Optional[int] = None, block_k: Optional[int] = None,
+                  input_precision: str = ADJ_DOT_PRECISION):
     """Launch the forward pass: returns (AS [B,N,C] fp32, adj_sq [B] f64, asym [B] int32
     (1 = not symmetric; all 1 unless check_sym)).
 
-    block_m / block_k override the row block and the column chunk (tests force branches).
+    block_m / block_k override the row block and the column chunk (tests force branches);
+    input_precision: "tf32x3" or "tf32" (module docstring).
     """
     B, N, C = S.shape
     from .assignment import cluster_pad
 
     c_pad = cluster_pad(C)
-    cfg = adjacency_config(N, c_pad, block_m, block_k)
+    cfg = adjacency_config(N, c_pad, block_m, block_k, input_precision)
     n_blocks = triton.cdiv(N, cfg.block_m)
     a = _adj_arg(adj)
     AS = torch.empty((B, N, C), device=S.device, dtype=torch.float32)
     part = torch.empty((2, B, n_blocks), device=S.device, dtype=torch.float32)
     _launch_adjacency_fwd(a, S, AS, part, part, cfg, c_pad, transpose=False,
-                          fwd_terms=True, check_sym=check_sym, skip_symmetric=False)
+                          fwd_terms=True, check_sym=check_sym, skip_symmetric=False,
+                          input_precision=input_precision)
     sums = part.to(torch.float64).sum(dim=2)
     if check_sym:
         asym = (sums[1] > 0).to(torch.int32)
@@ -202,18 +229,20 @@ def adjacency_fwd(adj: torch.Tensor, S: torch.Tensor, check_sym: bool,
 
 
 def adjacency_transpose_fwd(adj: torch.Tensor, S: torch.Tensor, asym: torch.Tensor,
-                            block_m: Optional[int] = None, block_k: Optional[int] = None):
+                            block_m: Optional[int] = None, block_k: Optional[int] = None,
+                            input_precision: str = ADJ_DOT_PRECISION):
     """A^T S [B,N,C] fp32 for the graphs with asym == 1; rows of the others are left unwritten
     (the backward row pass never reads them)."""
     B, N, C = S.shape
     from .assignment import cluster_pad
 
     c_pad = cluster_pad(C)
-    cfg = adjacency_config(N, c_pad, block_m, block_k)
+    cfg = adjacency_config(N, c_pad, block_m, block_k, input_precision)
     a = _adj_arg(adj)
     AtS = torch.empty((B, N, C), device=S.device, dtype=torch.float32)
     _launch_adjacency_fwd(a, S, AtS, AtS, asym, cfg, c_pad, transpose=True,
-                          fwd_terms=False, check_sym=False, skip_symmetric=True)
+                          fwd_terms=False, check_sym=False, skip_symmetric=True,
+                          input_precision=input_precision)
     return AtS
 
 
@@ -226,14 +255,17 @@ class AdjGradConfig(NamedTuple):
 
 
 def adjacency_grad_config(N: int, block_m: Optional[int] = None, block_n: Optional[int] = None,
-                          block_k: Optional[int] = None) -> AdjGradConfig:
-    """A plain output-tiled product: 64 x 64 tiles, 16-row tiles for small graphs."""
+                          block_k: Optional[int] = None,
+                          input_precision: str = ADJ_DOT_PRECISION) -> AdjGradConfig:
+    """A plain output-tiled product: 64 x 64 tiles, 32 x 32 for small graphs; 8 warps for the
+    tf32x3 64 x 64 tile (4 spilled on sm_80)."""
     t = 64 if N > 32 else 32
-    return AdjGradConfig(block_m or t, block_n or t, block_k or 32, 4, 3)
+    warps = 8 if _check_precision(input_precision) == "tf32x3" and t == 64 else 4
+    return AdjGradConfig(block_m or t, block_n or t, block_k or 32, warps, 3)
 
 
-def adjacency_grad_configs():
-    return [adjacency_grad_config(N) for N in (16, 4096)]
+def adjacency_grad_configs(input_precision: str = ADJ_DOT_PRECISION):
+    return [adjacency_grad_config(N, input_precision=input_precision) for N in (16, 4096)]
 
 
 @triton.jit(do_not_specialize=["N", "C"])
@@ -278,10 +310,11 @@ def adjacency_bwd_kernel(
 
 def adjacency_bwd(adj: torch.Tensor, SH: torch.Tensor, S: torch.Tensor, two_g: torch.Tensor,
                   block_m: Optional[int] = None, block_n: Optional[int] = None,
-                  block_k: Optional[int] = None) -> torch.Tensor:
+                  block_k: Optional[int] = None,
+                  input_precision: str = ADJ_DOT_PRECISION) -> torch.Tensor:
     """Launch ``adjacency_bwd_kernel``: dA [B, N, N] in adj's dtype (floating adj only)."""
     B, N, C = S.shape
-    cfg = adjacency_grad_config(N, block_m, block_n, block_k)
+    cfg = adjacency_grad_config(N, block_m, block_n, block_k, input_precision)
     dA = torch.empty((B, N, N), device=S.device, dtype=adj.dtype)
     grid = (B, triton.cdiv(N, cfg.block_m), triton.cdiv(N, cfg.block_n))
     adjacency_bwd_kernel[grid](
@@ -290,7 +323,7 @@ def adjacency_bwd(adj: torch.Tensor, SH: torch.Tensor, S: torch.Tensor, two_g: t
         adj.stride(0), adj.stride(1), adj.stride(2),
         dA.stride(0), dA.stride(1), dA.stride(2),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=ADJ_DOT_PRECISION,
+        DOT_PRECISION=_check_precision(input_precision),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=register_cap(cfg.num_warps),
     )

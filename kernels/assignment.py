@@ -23,9 +23,15 @@ dL and dX once: O(N (C + F)) per graph.
 
 Dot precision (backward only; the forward has no dot): every ``tl.dot`` multiplies an
 O(N x C) operand by a small C x C or C x F matrix, so the pass is memory-bound on an H100 even
-at a third of the tf32 rate. It uses ``tf32x3`` (about fp32 accuracy) up to C_PAD = 128 and
-``tf32`` above, where tf32x3's split operands spill registers (see ``_ROW_BWD_TABLE``).
+at a third of the tf32 rate. It uses ``tf32x3`` (about fp32 accuracy) up to C_PAD = 128. Above,
+it follows the caller's ``input_precision`` (PyTorch's matmul precision, chosen in
+``diffpool_fast.ops.coarsen_triton``): ``tf32`` for "high"/"medium"; for "highest" tf32x3 still,
+for dL only, with dX = S g_out as a torch matmul (the fused pass spills registers there, see
+``_ROW_BWD_TABLE``).
 Accumulation is always fp32.
+
+Padded rows: S = m * P is a product, not a select, so a NaN logit of a padded node propagates
+(NaN * 0), as in PyTorch and PyG.
 """
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ class RowConfig(NamedTuple):
     num_warps: int
     num_stages: int
     dot_precision: str  # backward only; see ``row_bwd_config``
+    split: bool = False  # backward only: the kernel for dL only, dX in torch (``_ROW_BWD_TABLE``)
 
 
 def row_fwd_config(N: int, c_pad: int, block_n: Optional[int] = None) -> RowConfig:
@@ -69,39 +76,52 @@ def row_fwd_config(N: int, c_pad: int, block_n: Optional[int] = None) -> RowConf
     return RowConfig(block_n, 0, num_warps, 1, "")
 
 
-# C_PAD -> (block_n, block_k, num_warps, num_stages, dot precision) of the backward row pass.
-# tf32x3 splits every operand in two, and past C_PAD = 128 that makes ptxas spill whatever the
-# tile; there the pass uses tf32 (operands rounded to 10 mantissa bits, fp32 accumulation).
+#: the caller's precision modes (``input_precision`` of ``assignment_bwd``): "tf32x3" asks for
+#: fp32-grade products (torch's "highest"), "tf32" allows tf32 ("high", "medium")
+ROW_PRECISION_MODES = ("tf32", "tf32x3")
+
+# C_PAD -> (block_n, block_k, num_warps, num_stages, (dot precision, split) when fp32-grade is
+# asked, dot precision when tf32 is allowed) of the backward row pass. tf32x3 splits every
+# operand in two; past C_PAD = 128 the pass holding both dL and dX then spills on sm_80/sm_90
+# whatever the tile (so does plain fp32 FMA, ``ieee``), and so does the dX half alone (its
+# S [BLOCK_N, C_PAD] operand), while the dL half does not: there fp32-grade runs the kernel for
+# dL only (``split``) and dX = S g_out as one torch matmul; tf32 (operands rounded to 10
+# mantissa bits, fp32 accumulation) runs the fused pass.
 _ROW_BWD_TABLE = {
-    16: (64, 16, 4, 1, "tf32x3"),
-    32: (64, 16, 4, 1, "tf32x3"),
-    64: (32, 16, 4, 1, "tf32x3"),
-    128: (16, 16, 8, 1, "tf32x3"),
-    256: (16, 16, 8, 1, "tf32"),
-    512: (16, 16, 8, 1, "tf32"),
+    16: (64, 16, 4, 1, ("tf32x3", False), "tf32x3"),
+    32: (64, 16, 4, 1, ("tf32x3", False), "tf32x3"),
+    64: (32, 16, 4, 1, ("tf32x3", False), "tf32x3"),
+    128: (16, 16, 8, 1, ("tf32x3", False), "tf32x3"),
+    256: (16, 16, 8, 1, ("tf32x3", True), "tf32"),
+    512: (16, 16, 8, 1, ("tf32x3", True), "tf32"),
 }
 
 
 def row_bwd_config(N: int, c_pad: int, block_n: Optional[int] = None,
-                   block_k: Optional[int] = None) -> RowConfig:
-    """Block sizes and dot precision of the backward row pass (``_ROW_BWD_TABLE``)."""
-    bn, bk, num_warps, num_stages, prec = _ROW_BWD_TABLE[c_pad]
+                   block_k: Optional[int] = None, input_precision: str = "tf32x3") -> RowConfig:
+    """Block sizes and dot precision of the backward row pass (``_ROW_BWD_TABLE``);
+    ``input_precision``: one of ``ROW_PRECISION_MODES``."""
+    if input_precision not in ROW_PRECISION_MODES:
+        raise ValueError(f"input_precision must be one of {ROW_PRECISION_MODES}, got {input_precision!r}")
+    bn, bk, num_warps, num_stages, (prec_full, split_full), prec_fast = _ROW_BWD_TABLE[c_pad]
+    prec, split = (prec_full, split_full) if input_precision == "tf32x3" else (prec_fast, False)
     if block_n is None:
         block_n = min(bn, max(16, triton.next_power_of_2(N)))
         if block_n * c_pad <= 256:  # ptxas spilled the 16 x 16 tile at 4 warps
             num_warps = 2
-    return RowConfig(block_n, block_k or bk, num_warps, num_stages, prec)
+    return RowConfig(block_n, block_k or bk, num_warps, num_stages, prec, split)
 
 
 def row_configs():
     """Every (C_PAD, forward config, backward config) the launch helpers can pick, for the
-    ahead-of-time compile check (N buckets: 16, 32, 64 and larger)."""
+    ahead-of-time compile check (N buckets: 16, 32, 64 and larger; both precision modes)."""
     out = []
     for c_pad in (16, 32, 64, 128, 256, 512):
         for N in (16, 32, 64, 4096):
-            item = (c_pad, row_fwd_config(N, c_pad), row_bwd_config(N, c_pad))
-            if item not in out:
-                out.append(item)
+            for mode in ROW_PRECISION_MODES:
+                item = (c_pad, row_fwd_config(N, c_pad), row_bwd_config(N, c_pad, input_precision=mode))
+                if item not in out:
+                    out.append(item)
     return out
 
 
@@ -141,7 +161,9 @@ def assignment_fwd_kernel(
     if HAS_MASK:
         m = tl.load(mask_ptr + b * stride_mb + rows64, mask=row_ok, other=0)
         keep = keep & (m != 0)
-    S = tl.where(keep[:, None] & col_ok[None, :], P, 0.0)
+    # m * P as a product: a NaN logit on a padded row stays NaN (NaN * 0), as in PyTorch/PyG;
+    # rows past N loaded 0 logits, so their P is finite and their S 0.
+    S = tl.where(col_ok[None, :], P * keep.to(tl.float32)[:, None], 0.0)
     tl.store(S_ptr + b * N * C + rows64[:, None] * C + cols[None, :], S, mask=tile_ok)
 
     ent = tl.sum(tl.sum(-S * tl.log(S + 1e-15), axis=1), axis=0)
@@ -287,21 +309,32 @@ def assignment_bwd(
     x, S, AS, AtS, asym, mask, g_out, H1, H2, H3, g_ent,
     need_dl: bool, need_dx: bool, s_dtype: torch.dtype,
     block_n: Optional[int] = None, block_k: Optional[int] = None,
+    input_precision: str = "tf32x3",
 ):
     """Launch ``assignment_bwd_kernel``: returns (dL [B,N,C] in s_dtype or None, dX or None).
 
     AtS may be any [B,N,C] fp32 tensor when no graph has asym == 1 (it is then never read).
-    block_n / block_k override the row block and the reduction chunk (tests force branches).
+    block_n / block_k override the row block and the reduction chunk (tests force branches);
+    input_precision: "tf32x3" (fp32-grade products) or "tf32" (tf32 allowed), see the module
+    docstring.
     """
     B, N, C = S.shape
     F = x.shape[2]
     c_pad = cluster_pad(C)
-    cfg = row_bwd_config(N, c_pad, block_n, block_k)
+    cfg = row_bwd_config(N, c_pad, block_n, block_k, input_precision)
     dL = torch.empty((B, N, C), device=S.device, dtype=s_dtype) if need_dl else None
     dX = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
     dl_arg = dL if need_dl else S
     dx_arg = dX if need_dx else x
     mask_u8 = mask.view(torch.uint8) if mask is not None else S
+    if cfg.split:
+        # the kernel's dX half (S [BLOCK_N, C_PAD] in one tf32x3 dot) spills here: dX = S g_out is
+        # one batched fp32 matmul, in torch (PyTorch's fp32 precision: full fp32 by default)
+        if need_dx:
+            dX.copy_(torch.bmm(S, g_out))
+        if not need_dl:
+            return dL, dX
+        need_dx = False
     assignment_bwd_kernel[(B, triton.cdiv(N, cfg.block_n))](
         x, S, AS, AtS, asym, mask_u8,
         g_out, H1, H2, H3, g_ent,

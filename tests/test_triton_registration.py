@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
+from triton_cases import DEVICE, assert_close_scaled, fresh_generator, make_inputs
 
 from diffpool_fast import BACKEND_ENV, dense_diff_pool
 from diffpool_fast.ops import dispatch
 from diffpool_fast.ops.coarsen_triton import coarsen_triton, unsupported_reason
-from triton_cases import DEVICE, assert_close_scaled, fresh_generator, make_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 f32 = torch.float32
@@ -107,3 +107,27 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_auto_backend_on_cpu_is_torch(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     assert dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_opcheck_with_precision_argument_and_flags(precision):
+    """The ops take the dot precision as an argument (issue 11 item 5) and the forward returns the
+    [B] int32 flags of graphs recomputed directly (item 3): schema, fake tensors, autograd."""
+    g = fresh_generator()
+    x, adj, s, mask = make_inputs(2, 21, 6, 5, f32, f32, "pad", "asym", g)
+    # graph 0 near an exact fit (flagged), graph 1 random
+    adj[0] = 0
+    adj[0, :10, :10] = 1
+    adj[0, 10:, 10:] = 1
+    s[0] = 0
+    s[0, :10, 0] = 12.0
+    s[0, 10:, 1] = 12.0
+    mask[0] = True
+    x.requires_grad_()
+    s.requires_grad_()
+    args = (x, adj, s, mask, True, -1, precision)
+    outs = torch.ops.diffpool_fast.coarsen(*args)
+    assert len(outs) == 9 and outs[8].dtype == torch.int32
+    assert outs[8].tolist() == [1, 0], outs[8]
+    torch.library.opcheck(torch.ops.diffpool_fast.coarsen.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -8,16 +8,27 @@ Forward, four launches (kernels/):
 3. ``gram_fwd`` three times: out = S^T X, A' = S^T (A S), S^T S.
 
 link_sq = ||A||^2 - 2 tr(A') + ||S^T S||^2 (as tr(S^T A S) = tr(A')), summed per graph in
-float64 and clamped at 0 (outside the op, so autograd's clamp gradient applies). A' of a graph
-found symmetric is made bitwise symmetric, as the next level's symmetry check wants.
+float64; graphs where those terms cancel (``link_exact.cancellation_flags``) get their Q
+recomputed directly from row blocks of A - S S^T in float64 (a second read of A, for those
+graphs only). Q is clamped at 0 outside the op (NaN passes). A' of a graph found symmetric is made
+bitwise symmetric, as the next level's symmetry check wants.
+
+Dot precision follows ``torch.get_float32_matmul_precision()`` (``dot_precision``), as PyTorch's
+CUDA matmuls do: "highest" (the default) runs every product over A, and the backward row pass, in
+tf32x3 (above C_PAD = 128 the row pass then leaves dX = S g_out to a torch matmul), "high" and
+"medium" allow tf32. The choice is an argument of the ops,
+so a ``torch.compile`` graph keeps the setting it was traced under.
 
 Backward: ``adjacency_transpose_fwd`` (A^T S, only for graphs found non-symmetric), one fused
 row pass ``assignment_bwd`` (dL and dX), and ``adjacency_bwd`` (dA) only when adj needs a
-gradient. Autograd saves S, A S (fp32, [B, N, C]), S^T S ([B, C, C]), a [B] flag, and references
-to the caller's x, adj and mask: no copy, nothing O(B N^2) allocated.
+gradient. For flagged graphs the row pass gets no link term (its g_Q is zeroed there) and the
+direct one, softmax_bwd(-2 g_Q m (R + R^T) S), is added in torch (the softmax backward is
+linear). Autograd saves S, A S (fp32, [B, N, C]), S^T S ([B, C, C]), two [B] flags, and
+references to the caller's x, adj and mask: no copy, nothing O(B N^2) allocated.
 
 Both directions are ``torch.library.custom_op`` s with fake implementations, so the step traces
-into ``torch.compile`` graphs without a graph break. No double backward.
+into ``torch.compile`` graphs without a graph break. No double backward: differentiating the
+backward raises a RuntimeError that names backend="torch", which has one.
 """
 from __future__ import annotations
 
@@ -27,7 +38,15 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..config import MAX_CLUSTERS, TRITON_ADJ_DTYPES, TRITON_FLOAT_DTYPES, triton_importable, triton_interpreting
+from ..config import (
+    CONVERT_CHUNK_BYTES,
+    MAX_CLUSTERS,
+    TRITON_ADJ_DTYPES,
+    TRITON_FLOAT_DTYPES,
+    triton_importable,
+    triton_interpreting,
+)
+from . import link_exact
 
 # sym_known values of the op
 _SYM_UNKNOWN, _SYM_NO, _SYM_YES = -1, 0, 1
@@ -57,6 +76,17 @@ def forced_blocks(**blocks: int) -> Iterator[None]:
     finally:
         _forced.clear()
         _forced.update(saved)
+
+
+#: the products' dot precision, by ``torch.get_float32_matmul_precision()``
+_PRECISION_OF_SETTING = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
+
+
+@torch.compiler.assume_constant_result  # read at trace time: a compiled graph keeps its setting
+def dot_precision() -> str:
+    """``"tf32x3"`` (fp32-grade) under torch's "highest" matmul precision (its default),
+    ``"tf32"`` under "high" or "medium": the ``input_precision`` of the launches over A."""
+    return _PRECISION_OF_SETTING.get(torch.get_float32_matmul_precision(), "tf32x3")
 
 
 def _gram(S: Tensor, Y: Tensor) -> Tensor:
@@ -97,9 +127,11 @@ def _pick_sym(check_sym: bool, sym_known: int, B: int, device) -> Tuple[bool, Op
 
 @torch.library.custom_op("diffpool_fast::coarsen", mutates_args=())
 def _coarsen_op(
-    x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor], check_sym: bool, sym_known: int
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, out_adj, q_raw, ent_sum, S, AS, StS, asym); q_raw is link_sq before the clamp."""
+    x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor], check_sym: bool, sym_known: int,
+    precision: str = "tf32x3",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, out_adj, q_raw, ent_sum, S, AS, StS, asym, flags); q_raw is link_sq before the
+    clamp, flags [B] int32 is 1 where q_raw was recomputed directly (``link_exact``)."""
     from ..kernels.adjacency import adjacency_fwd
     from ..kernels.assignment import assignment_fwd
 
@@ -107,7 +139,8 @@ def _coarsen_op(
     do_check, asym_known = _pick_sym(check_sym, sym_known, x.shape[0], x.device)
     mask = mask.contiguous() if mask is not None else None
     S, ent_sum = assignment_fwd(s, mask, f.get("row_n"))
-    AS, adj_sq, asym = adjacency_fwd(adj, S, do_check, f.get("adj_m"), f.get("adj_k"))
+    AS, adj_sq, asym = adjacency_fwd(adj, S, do_check, f.get("adj_m"), f.get("adj_k"),
+                                     input_precision=precision)
     if asym_known is not None:
         asym = asym_known
     out = _gram(S, x)
@@ -118,22 +151,44 @@ def _coarsen_op(
     out_adj = torch.where(sym, 0.5 * (out_adj + out_adj.transpose(1, 2)), out_adj)
     StS = _gram(S, S)
     trace = torch.diagonal(out_adj, dim1=1, dim2=2).sum(dim=1, dtype=torch.float64)
-    q_raw = adj_sq - 2.0 * trace + StS.to(torch.float64).square().sum(dim=(1, 2))
-    return out, out_adj, q_raw, ent_sum, S, AS, StS, asym
+    sts_sq = StS.to(torch.float64).square().sum(dim=(1, 2))
+    q_raw = adj_sq - 2.0 * trace + sts_sq
+    flags = link_exact.cancellation_flags(adj_sq, sts_sq, q_raw)
+    if bool(flags.any()):
+        idx = flags.nonzero().squeeze(1)
+        q_exact, _ = link_exact.exact_link(adj, S, idx, chunk_bytes=CONVERT_CHUNK_BYTES)
+        q_raw = q_raw.index_put((idx,), q_exact)
+    return out, out_adj, q_raw, ent_sum, S, AS, StS, asym, flags.to(torch.int32)
 
 
 @_coarsen_op.register_fake
-def _coarsen_fake(x, adj, s, mask, check_sym, sym_known):
+def _coarsen_fake(x, adj, s, mask, check_sym, sym_known, precision="tf32x3"):
     B, N, C = s.shape
     F = x.shape[2]
     f32 = dict(dtype=torch.float32, device=x.device)
     f64 = dict(dtype=torch.float64, device=x.device)
+    i32 = dict(dtype=torch.int32, device=x.device)
     return (
         x.new_empty((B, C, F), **f32), x.new_empty((B, C, C), **f32),
         x.new_empty((B,), **f64), x.new_empty((B,), **f64),
         x.new_empty((B, N, C), **f32), x.new_empty((B, N, C), **f32),
-        x.new_empty((B, C, C), **f32), x.new_empty((B,), dtype=torch.int32, device=x.device),
+        x.new_empty((B, C, C), **f32), x.new_empty((B,), **i32), x.new_empty((B,), **i32),
     )
+
+
+def _flagged_link_grad(adj: Tensor, S: Tensor, mask: Optional[Tensor], gq: Tensor,
+                       flags: Tensor, asym: Tensor, dL: Tensor) -> None:
+    """dL[flagged] += softmax_bwd(m * -2 g_Q (R + R^T) S), in place (dL fp32): the link term of
+    the graphs whose identity terms cancel, computed directly (``link_exact``)."""
+    idx = flags.nonzero().squeeze(1)
+    _, D = link_exact.exact_link(adj, S, idx, want_q=False, want_d=True,
+                                 symmetric=asym.index_select(0, idx) == 0,
+                                 chunk_bytes=CONVERT_CHUNK_BYTES)
+    dS = (-2.0 * gq.index_select(0, idx).to(torch.float64).view(-1, 1, 1) * D).to(torch.float32)
+    if mask is not None:
+        dS = dS * mask.index_select(0, idx).unsqueeze(-1).to(torch.float32)
+    Sf = S.index_select(0, idx)  # m * P: equals P where dS is not 0
+    dL.index_add_(0, idx, Sf * (dS - (Sf * dS).sum(-1, keepdim=True)))
 
 
 @torch.library.custom_op("diffpool_fast::coarsen_backward", mutates_args=())
@@ -142,8 +197,10 @@ def _coarsen_backward_op(
     x: Tensor, adj: Tensor, mask: Optional[Tensor],
     S: Tensor, AS: Tensor, StS: Tensor, asym: Tensor,
     s_dtype: torch.dtype, need_dx: bool, need_ds: bool, need_dadj: bool,
+    flags: Optional[Tensor] = None, precision: str = "tf32x3",
 ) -> List[Tensor]:
-    """[dx, ds, dadj]; an input whose gradient is not needed gets an empty tensor."""
+    """[dx, ds, dadj]; an input whose gradient is not needed gets an empty tensor. ``flags``: the
+    forward's [B] int32 graphs whose link term is computed directly (None: none)."""
     from ..kernels.adjacency import adjacency_bwd, adjacency_transpose_fwd
     from ..kernels.assignment import assignment_bwd
 
@@ -152,38 +209,48 @@ def _coarsen_backward_op(
     g_out = g_out.to(torch.float32).contiguous()
     G = g_out_adj.to(torch.float32)
     gq = g_q.to(torch.float32)
+    flagged = flags is not None and need_ds and bool(flags.any())
+    # the row pass's link term (g_Q through the identity's products), 0 for flagged graphs
+    gi = gq * (1 - flags).to(torch.float32) if flagged else gq
     eye = torch.eye(C, dtype=torch.float32, device=S.device)
-    H2 = (G - 2.0 * gq[:, None, None] * eye).contiguous()  # for A^T S, and dA = S H2 S^T + 2g A
     # three distinct empties: a custom op's outputs must not alias each other
     dx, ds, dadj = S.new_empty(0), S.new_empty(0), S.new_empty(0)
     if need_ds or need_dx:
-        H1 = G.transpose(1, 2) - 2.0 * gq[:, None, None] * eye
+        H2 = (G - 2.0 * gi[:, None, None] * eye).contiguous()  # for A^T S
+        H1 = G.transpose(1, 2) - 2.0 * gi[:, None, None] * eye
         # A symmetric graph has A^T S = A S: fold H2 into H1 and skip A^T S.
         H1 = (H1 + (1 - asym).to(torch.float32)[:, None, None] * H2).contiguous()
-        H3 = (4.0 * gq[:, None, None] * StS).contiguous()
+        H3 = (4.0 * gi[:, None, None] * StS).contiguous()
         f = _forced
-        AtS = (adjacency_transpose_fwd(adj, S, asym, f.get("adj_m"), f.get("adj_k"))
+        AtS = (adjacency_transpose_fwd(adj, S, asym, f.get("adj_m"), f.get("adj_k"),
+                                       input_precision=precision)
                if need_ds else AS)
         dL, dX = assignment_bwd(
             x, S, AS, AtS, asym, mask, g_out, H1, H2, H3,
-            g_ent.to(torch.float32).contiguous(), need_ds, need_dx, s_dtype,
-            f.get("row_n"), f.get("row_k"),
+            g_ent.to(torch.float32).contiguous(), need_ds, need_dx,
+            torch.float32 if flagged else s_dtype,
+            f.get("row_n"), f.get("row_k"), input_precision=precision,
         )
         if need_ds:
+            if flagged:
+                _flagged_link_grad(adj, S, mask, gq, flags, asym, dL)
+                dL = dL.to(s_dtype)
             ds = dL
         if need_dx:
             dx = dX
     if need_dadj:
-        SH = torch.bmm(S, H2)
+        # dA = S (G - 2 g I) S^T + 2 g A: entrywise A - S S^T, no cancellation of whole terms
+        SH = torch.bmm(S, (G - 2.0 * gq[:, None, None] * eye).contiguous())
         f = _forced
         dadj = adjacency_bwd(adj, SH, S, (2.0 * gq).contiguous(),
-                             f.get("grad_m"), f.get("grad_n"), f.get("grad_k"))
+                             f.get("grad_m"), f.get("grad_n"), f.get("grad_k"),
+                             input_precision=precision)
     return [dx, ds, dadj]
 
 
 @_coarsen_backward_op.register_fake
 def _coarsen_backward_fake(g_out, g_out_adj, g_q, g_ent, x, adj, mask, S, AS, StS, asym,
-                           s_dtype, need_dx, need_ds, need_dadj):
+                           s_dtype, need_dx, need_ds, need_dadj, flags=None, precision="tf32x3"):
     return [
         torch.empty_like(x) if need_dx else S.new_empty(0),
         S.new_empty(S.shape, dtype=s_dtype) if need_ds else S.new_empty(0),
@@ -191,15 +258,25 @@ def _coarsen_backward_fake(g_out, g_out_adj, g_q, g_ent, x, adj, mask, S, AS, St
     ]
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward (differentiating a gradient, create_graph=True) through the Triton "
+        "coarsening step is not supported; use backend='torch', whose backward is differentiable")
+
+
+_coarsen_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _setup_context(ctx, inputs, output):
-    x, adj, s, mask, check_sym, sym_known = inputs
-    out, out_adj, q_raw, ent_sum, S, AS, StS, asym = output
+    x, adj, s, mask, check_sym, sym_known = inputs[:6]
+    ctx.precision = inputs[6] if len(inputs) > 6 else "tf32x3"
+    out, out_adj, q_raw, ent_sum, S, AS, StS, asym, flags = output
     ctx.s_dtype = s.dtype
-    ctx.save_for_backward(x, adj, mask, S, AS, StS, asym)
+    ctx.save_for_backward(x, adj, mask, S, AS, StS, asym, flags)
 
 
 def _backward(ctx, g_out, g_out_adj, g_q, g_ent, *unused):
-    x, adj, mask, S, AS, StS, asym = ctx.saved_tensors
+    x, adj, mask, S, AS, StS, asym, flags = ctx.saved_tensors
     need_dx, need_dadj, need_ds = ctx.needs_input_grad[:3]
     if not (need_dx or need_dadj or need_ds):
         return None, None, None, None, None, None
@@ -214,10 +291,10 @@ def _backward(ctx, g_out, g_out_adj, g_q, g_ent, *unused):
         g_ent = S.new_zeros((B,), dtype=torch.float64)
     dx, ds, dadj = torch.ops.diffpool_fast.coarsen_backward(
         g_out, g_out_adj, g_q, g_ent, x, adj, mask, S, AS, StS, asym,
-        ctx.s_dtype, need_dx, need_ds, need_dadj,
+        ctx.s_dtype, need_dx, need_ds, need_dadj, flags, ctx.precision,
     )
     return (dx if need_dx else None, dadj if need_dadj else None, ds if need_ds else None,
-            None, None, None)
+            None, None, None, None)
 
 
 _coarsen_op.register_autograd(_backward, setup_context=_setup_context)
@@ -232,10 +309,13 @@ def coarsen_triton(
     Returns ``(out [B,C,F] fp32, out_adj [B,C,C] fp32, link_sq [B] float64, ent_sum [B]
     float64)``. ``adj_symmetric``: True promises A_b = A_b^T (the backward never reads A for
     ds); False says it is not; None (default) checks it exactly in the forward pass, only when
-    a gradient into s will be needed.
+    a gradient into s will be needed. The dot precision is read from
+    ``torch.get_float32_matmul_precision()`` at each call (``dot_precision``).
     """
     check_sym = adj_symmetric is None and torch.is_grad_enabled() and s.requires_grad
     sym_known = {None: _SYM_UNKNOWN, False: _SYM_NO, True: _SYM_YES}[adj_symmetric]
-    outs = torch.ops.diffpool_fast.coarsen(x, adj, s, mask, check_sym, sym_known)
+    outs = torch.ops.diffpool_fast.coarsen(x, adj, s, mask, check_sym, sym_known, dot_precision())
     out, out_adj, q_raw, ent_sum = outs[:4]
-    return out, out_adj, q_raw.clamp_min(0.0), ent_sum
+    # q <= 0 is clamped (with a zero gradient there); NaN passes, with its gradient
+    link_sq = torch.where(q_raw <= 0, torch.zeros_like(q_raw), q_raw)
+    return out, out_adj, link_sq, ent_sum

@@ -56,7 +56,8 @@ def _row_variants(full: bool) -> List[Variant]:
                 label = f"C_PAD={c_pad} BN={cfg.block_n} w{cfg.num_warps} s={ldt} mask={int(has_mask)}"
                 out.append(Variant("assignment_fwd_kernel", label, args, cfg.num_warps,
                                    cfg.num_stages))
-        flag_sets = ((True, True), (True, False), (False, True))
+        # a split configuration launches the kernel for dL only (dX is a torch matmul)
+        flag_sets = ((True, False),) if bcfg.split else ((True, True), (True, False), (False, True))
         for dt in ("fp32", "bf16", "fp16") if full else ("fp32",):
             for need_dl, need_dx in flag_sets if (full or dt == "fp32") else flag_sets[:1]:
                 args = {
@@ -74,8 +75,8 @@ def _row_variants(full: bool) -> List[Variant]:
                     "DOT_PRECISION": bcfg.dot_precision,
                 }
                 label = (f"C_PAD={c_pad} BN={bcfg.block_n} BK={bcfg.block_k} w{bcfg.num_warps} "
-                         f"s{bcfg.num_stages} {bcfg.dot_precision} x,s={dt} "
-                         f"dL={int(need_dl)} dX={int(need_dx)}")
+                         f"s{bcfg.num_stages} {bcfg.dot_precision}{' split' if bcfg.split else ''} "
+                         f"x,s={dt} dL={int(need_dl)} dX={int(need_dx)}")
                 out.append(Variant("assignment_bwd_kernel", label, args, bcfg.num_warps,
                                    bcfg.num_stages))
     return out
@@ -102,13 +103,20 @@ def _gram_variants(full: bool) -> List[Variant]:
 
 def _adjacency_variants(full: bool) -> List[Variant]:
     from ..kernels.adjacency import (
-        ADJ_DOT_PRECISION, adjacency_configs, adjacency_grad_configs,
+        ADJ_DOT_PRECISIONS,
+        adjacency_configs,
+        adjacency_grad_configs,
     )
 
     out = []
     # (mode, FWD_TERMS, CHECK_SYM, SKIP_SYMMETRIC, contiguous along k?)
     modes = (("fwd", True, False, False), ("fwd+sym", True, True, False), ("AtS", False, False, True))
-    for c_pad, cfg in adjacency_configs():
+    # both dot precisions (torch's "high"/"medium" -> tf32, "highest" -> tf32x3), per C_PAD the
+    # tf32 configurations first, so that --representative's last pick of a C_PAD is tf32x3
+    precs = tuple(reversed(ADJ_DOT_PRECISIONS))
+    items = [(c_pad, cfg, prec) for prec in precs for c_pad, cfg in adjacency_configs(prec)]
+    items.sort(key=lambda item: item[0])  # stable: keeps the precision order within a C_PAD
+    for c_pad, cfg, prec in items:
         for adt in ("fp32", "fp16", "bf16", "u8") if full else ("fp32", "u8"):
             for mode, terms, check, skip in modes:
                 args = {
@@ -120,24 +128,25 @@ def _adjacency_variants(full: bool) -> List[Variant]:
                     "stride_ar": 1 if skip else "i32", "stride_ac": "i32" if skip else 1,
                     "FWD_TERMS": terms, "CHECK_SYM": check, "SKIP_SYMMETRIC": skip,
                     "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "C_PAD": c_pad,
-                    "DOT_PRECISION": ADJ_DOT_PRECISION,
+                    "DOT_PRECISION": prec,
                 }
                 label = (f"C_PAD={c_pad} BM={cfg.block_m} BK={cfg.block_k} w{cfg.num_warps} "
-                         f"s{cfg.num_stages} A={adt} {mode}")
+                         f"s{cfg.num_stages} {prec} A={adt} {mode}")
                 out.append(Variant("adjacency_fwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
-    for cfg in adjacency_grad_configs():
-        for adt in ("fp32", "fp16", "bf16") if full else ("fp32",):
-            args = {
-                "adj_ptr": _TL[adt], "SH_ptr": "*fp32", "S_ptr": "*fp32", "two_g_ptr": "*fp32",
-                "dA_ptr": _TL[adt], "N": "i32", "C": "i32",
-                "stride_ab": "i32", "stride_ar": "i32", "stride_ac": 1,
-                "stride_db": "i32", "stride_dr": "i32", "stride_dc": 1,
-                "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                "DOT_PRECISION": ADJ_DOT_PRECISION,
-            }
-            label = (f"BM={cfg.block_m} BN={cfg.block_n} BK={cfg.block_k} w{cfg.num_warps} "
-                     f"s{cfg.num_stages} A={adt}")
-            out.append(Variant("adjacency_bwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
+    for prec in precs:
+        for cfg in adjacency_grad_configs(prec):
+            for adt in ("fp32", "fp16", "bf16") if full else ("fp32",):
+                args = {
+                    "adj_ptr": _TL[adt], "SH_ptr": "*fp32", "S_ptr": "*fp32", "two_g_ptr": "*fp32",
+                    "dA_ptr": _TL[adt], "N": "i32", "C": "i32",
+                    "stride_ab": "i32", "stride_ar": "i32", "stride_ac": 1,
+                    "stride_db": "i32", "stride_dr": "i32", "stride_dc": 1,
+                    "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                    "DOT_PRECISION": prec,
+                }
+                label = (f"BM={cfg.block_m} BN={cfg.block_n} BK={cfg.block_k} w{cfg.num_warps} "
+                         f"s{cfg.num_stages} {prec} A={adt}")
+                out.append(Variant("adjacency_bwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
     return out
 
 
