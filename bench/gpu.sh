@@ -4,11 +4,11 @@
 #
 #   bash bench/gpu.sh [OUT_DIR]        (default: bench/results/<UTC date>-<GPU name>-gpu, with
 #                                       -2, -3, ... appended if that folder is already in use)
-#   GPU_STEPS="tests bench" bash bench/gpu.sh OUT_DIR   (a subset of: tests bench model)
+#   GPU_STEPS="tests bench" bash bench/gpu.sh OUT_DIR   (a subset of: tests bench model precision sparse)
 #
 # The device tool allows 10 minutes per command: with the default (all three steps, at most
 # 300 + 360 + 120 s) run it as two calls if the first one is slow, e.g. GPU_STEPS=tests, then
-# GPU_STEPS="bench model" with the same OUT_DIR.
+# GPU_STEPS="bench model" with the same OUT_DIR, then GPU_STEPS="precision sparse".
 #
 # Writes into OUT_DIR: env.txt (GPU, driver, versions, command), tests.log, profile.log and the
 # CSV + markdown + plots of `diffpool-fast profile`. Target: under 8 minutes on an H100 (the
@@ -94,6 +94,53 @@ if [[ " $STEPS " == *" model "* ]]; then
         --out "$OUT_DIR/model" 2>&1 | tee "$OUT_DIR/model.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench/gpu.sh: model profile FAILED (see $OUT_DIR/model.log)"; status=1; }
     echo "model profile took $(( $(date +%s) - start )) s"
+fi
+if [[ " $STEPS " == *" precision "* ]]; then
+    # The Triton products over A follow torch.get_float32_matmul_precision ("highest": tf32x3,
+    # "high": tf32); each setting against PyG under the same setting, in the same process.
+    for prec in highest high; do
+        start=$(date +%s)
+        echo "== precision $prec =="
+        timeout 240 $PY -c "import sys, torch; torch.set_float32_matmul_precision('$prec'); from diffpool_fast.cli import main; sys.exit(main(sys.argv[1:]))" \
+            profile --device cuda --backend torch,pyg,triton --mode full --accuracy \
+            --batch 64 --nodes 512,1024,2048 --clusters 128 --features 128 \
+            --out "$OUT_DIR/precision-$prec" 2>&1 | tee "$OUT_DIR/precision-$prec.log"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench/gpu.sh: precision $prec FAILED"; status=1; }
+        echo "precision $prec took $(( $(date +%s) - start )) s"
+    done
+fi
+
+if [[ " $STEPS " == *" sparse "* ]]; then
+    # sparse_diff_pool (edge lists, no N^2) and the edge-list level 0 on CUDA.
+    start=$(date +%s)
+    echo "== sparse_diff_pool on CUDA =="
+    timeout 240 $PY - <<'PY' 2>&1 | tee "$OUT_DIR/sparse.log"
+import time, torch
+from diffpool_fast import dense_diff_pool, sparse_diff_pool
+g = torch.Generator(device="cuda").manual_seed(0)
+# equality with the dense op on CUDA (float64), then forward+backward time at 10^6 nodes
+N, C, F, E = 300, 17, 9, 3000
+ei = torch.randint(0, N, (2, E), device="cuda", generator=g)
+x = torch.randn(N, F, device="cuda", dtype=torch.float64, generator=g)
+s = torch.randn(N, C, device="cuda", dtype=torch.float64, generator=g)
+adj = torch.zeros(N, N, device="cuda", dtype=torch.float64).index_put_((ei[0], ei[1]), torch.ones(E, device="cuda", dtype=torch.float64), accumulate=True)
+a, b = sparse_diff_pool(x, ei, s), dense_diff_pool(x, adj, s, backend="torch")
+err = max(float((p - q).abs().max()) for p, q in zip(a, b))
+print(f"sparse vs dense on CUDA, float64: max abs diff {err:.3e}")
+assert err < 1e-9
+N, E = 10**6, 10**7
+ei = torch.randint(0, N, (2, E), device="cuda", generator=g)
+x = torch.randn(N, 32, device="cuda", generator=g, requires_grad=True)
+s = torch.randn(N, 64, device="cuda", generator=g, requires_grad=True)
+for rep in range(3):
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    out, oa, l, e = sparse_diff_pool(x, ei, s)
+    (out.sum() + oa.sum() + l + e).backward()
+    torch.cuda.synchronize()
+    print(f"N=1e6 E=1e7 C=64 F=32 fwd+bwd {time.perf_counter() - t0:.3f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+PY
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench/gpu.sh: sparse step FAILED"; status=1; }
+    echo "sparse step took $(( $(date +%s) - start )) s"
 fi
 echo "results in $OUT_DIR (compare with bench/notes/FLOOR.md)"
 exit $status
