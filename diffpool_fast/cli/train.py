@@ -37,23 +37,24 @@ def _nonneg_int(text):
     return v
 
 
-def _nonneg_float(text):
+def _number(text):
     try:
-        v = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _nonneg_float(text):
+    v = _number(text)
     if v < 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}") from None
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return v
 
 
 def _finite_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    v = _number(text)
     if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}") from None
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return v
 
 
