@@ -127,17 +127,19 @@ def row_configs():
 
 @triton.jit(do_not_specialize=["N", "C", "n_blocks"])
 def assignment_fwd_kernel(
-    logit_ptr, mask_ptr, S_ptr, ent_part_ptr,
+    logit_ptr, mask_ptr, nc_ptr, S_ptr, ent_part_ptr,
     N, C, n_blocks,
     stride_lb, stride_ln, stride_lc,
     stride_mb,
-    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_NC: tl.constexpr, BLOCK_N: tl.constexpr, C_PAD: tl.constexpr,
 ):
     """S = m * softmax(L) for BLOCK_N rows of graph b, and their entropy.
 
     Grid (B, cdiv(N, BLOCK_N)). logit_ptr: L [B, N, C] in any float dtype and strides;
-    mask_ptr: m [B, N] as uint8 (read only when HAS_MASK); S_ptr: S [B, N, C] fp32, contiguous;
-    ent_part_ptr: [B, n_blocks] fp32, this program's sum of -S log(S + eps).
+    mask_ptr: m [B, N] as uint8 (read only when HAS_MASK); nc_ptr: k [B] int32, graph b's
+    cluster count (read only when HAS_NC): the softmax runs over columns < k_b and S is 0 past
+    them; S_ptr: S [B, N, C] fp32, contiguous; ent_part_ptr: [B, n_blocks] fp32, this program's
+    sum of -S log(S + eps).
     """
     b = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -147,13 +149,18 @@ def assignment_fwd_kernel(
     col_ok = cols < C
     rows64 = rows.to(tl.int64)
     tile_ok = row_ok[:, None] & col_ok[None, :]
+    # the graph's own clusters: columns past k_b take no softmax mass (k_b >= 1, checked)
+    col_real = col_ok
+    if HAS_NC:
+        k_b = tl.load(nc_ptr + b)
+        col_real = col_ok & (cols < k_b)
 
     L = tl.load(
         logit_ptr + b * stride_lb + rows64[:, None] * stride_ln + cols[None, :] * stride_lc,
         mask=tile_ok, other=0.0,
     ).to(tl.float32)
     # Padding columns must not take softmax mass; rows past N keep a finite max (0).
-    L = tl.where(col_ok[None, :], L, float("-inf"))
+    L = tl.where(col_real[None, :], L, float("-inf"))
     row_max = tl.max(L, axis=1)
     e = tl.exp(L - row_max[:, None])
     P = e / tl.sum(e, axis=1)[:, None]
@@ -163,17 +170,19 @@ def assignment_fwd_kernel(
         keep = keep & (m != 0)
     # m * P as a product: a NaN logit on a padded row stays NaN (NaN * 0), as in PyTorch/PyG;
     # rows past N loaded 0 logits, so their P is finite and their S 0.
-    S = tl.where(col_ok[None, :], P * keep.to(tl.float32)[:, None], 0.0)
+    S = tl.where(col_real[None, :], P * keep.to(tl.float32)[:, None], 0.0)
     tl.store(S_ptr + b * N * C + rows64[:, None] * C + cols[None, :], S, mask=tile_ok)
 
     ent = tl.sum(tl.sum(-S * tl.log(S + 1e-15), axis=1), axis=0)
     tl.store(ent_part_ptr + b * n_blocks + pid_n, ent)
 
 
-def assignment_fwd(s: torch.Tensor, mask: Optional[torch.Tensor], block_n: Optional[int] = None):
+def assignment_fwd(s: torch.Tensor, mask: Optional[torch.Tensor], block_n: Optional[int] = None,
+                   num_clusters: Optional[torch.Tensor] = None):
     """Launch ``assignment_fwd_kernel``: returns (S [B,N,C] fp32, ent_sum [B] float64).
 
-    block_n overrides the row block (tests force it to reach every branch).
+    block_n overrides the row block (tests force it to reach every branch). num_clusters: [B]
+    integer k_b in [1, C] (checked by the caller), or None for all C columns.
     """
     B, N, C = s.shape
     c_pad = cluster_pad(C)
@@ -182,12 +191,13 @@ def assignment_fwd(s: torch.Tensor, mask: Optional[torch.Tensor], block_n: Optio
     S = torch.empty((B, N, C), device=s.device, dtype=torch.float32)
     ent_part = torch.empty((B, n_blocks), device=s.device, dtype=torch.float32)
     mask_u8 = mask.view(torch.uint8) if mask is not None else S
+    nc = num_clusters.to(torch.int32).contiguous() if num_clusters is not None else ent_part
     assignment_fwd_kernel[(B, n_blocks)](
-        s, mask_u8, S, ent_part,
+        s, mask_u8, nc, S, ent_part,
         N, C, n_blocks,
         s.stride(0), s.stride(1), s.stride(2),
         mask_u8.stride(0) if mask is not None else 0,
-        HAS_MASK=mask is not None, BLOCK_N=cfg.block_n, C_PAD=c_pad,
+        HAS_MASK=mask is not None, HAS_NC=num_clusters is not None, BLOCK_N=cfg.block_n, C_PAD=c_pad,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=register_cap(cfg.num_warps),
     )

@@ -2,8 +2,10 @@
 (:class:`DiffPoolClassifier`), built on :func:`diffpool_fast.dense_diff_pool`.
 
 Shapes: x [B, N, F], adj [B, N, N] (float, or bool/uint8 for a binary input graph), mask [B, N]
-(True = real node, or None). After a pooling level every one of the C clusters is a real node,
-so levels >= 1 run without a mask.
+(True = real node, or None). With a fixed number of clusters every one of the C clusters is a
+real node after a pooling level, so levels >= 1 run without a mask; with clusters per graph
+(``clusters_per_graph=True``) graph b keeps k_b of them and levels >= 1 run with that cluster
+mask (masked batch norm, masked readout).
 
 The classifier also takes a batch in PyG's sparse form, ``(x [N, F], edge_index [2, E], batch
 [N])``: level 0 then runs on the edge list (:mod:`diffpool_fast.nn.edge_layers` and
@@ -21,13 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import fused_enabled
+from ..ops.inputs import cluster_mask
 from ..ops.pool import pool_with_adj_op
 from ..ops.sparse_pool import sparse_diff_pool
 from .edge_layers import check_edges, edge_forward
 from .layers import LAYER_TYPES, DenseSAGE, MaskedBatchNorm, _batched, make_layer
 from .sage_blocks import sage_blocks
 
-__all__ = ["DenseGNN", "DiffPool", "DiffPoolOutput", "DiffPoolClassifier", "cluster_counts", "READOUTS"]
+__all__ = ["DenseGNN", "DiffPool", "DiffPoolOutput", "DiffPoolClassifier", "cluster_counts", "graph_clusters",
+           "READOUTS"]
 
 READOUTS = ("mean", "max", "sum")
 
@@ -44,6 +48,14 @@ def cluster_counts(max_nodes: int, num_levels: int, ratio: float = 0.25) -> List
         n = max(1, math.ceil(ratio * n))
         counts.append(n)
     return counts
+
+
+def graph_clusters(nodes: Tensor, ratio: float, max_clusters: int) -> Tensor:
+    """Clusters per graph from its real node count: k_b = ceil(ratio * n_b), at least 1, at
+    most ``max_clusters`` (the level's C), [B] int64. The same float arithmetic as
+    :func:`cluster_counts`, so a graph of the largest size gets the level's C."""
+    k = torch.ceil(nodes.to(torch.float64) * float(ratio)).to(torch.int64)
+    return k.clamp(1, int(max_clusters))
 
 
 def _real_nodes(x: Tensor, mask: Optional[Tensor]) -> int:
@@ -183,6 +195,9 @@ class DiffPoolOutput(NamedTuple):
     ent_loss: Tensor  # scalar, mean row entropy of S
     embedding: Tensor  # Z [B, N, F], before pooling
     assignment: Tensor  # assignment logits [B, N, C] (softmax is applied inside the pooling)
+    #: with clusters per graph: [B, K] bool, the real clusters (the next level's node mask; x and
+    #: adj are then [B, K, F] and [B, K, K], K = max_b k_b); None with a fixed number of clusters
+    mask: Optional[Tensor] = None
 
 
 class DiffPool(nn.Module):
@@ -202,8 +217,13 @@ class DiffPool(nn.Module):
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``dense_diff_pool``).
         adj_symmetric: passed to ``dense_diff_pool``: True promises a symmetric adjacency, so
             the backward pass needs no pass over it; None (default) is always correct.
+        link_loss: ``"frobenius"`` (default) or ``"bce"`` (the DiffPool authors' cross-entropy,
+            ``dense_diff_pool``'s ``link_loss``), scaled by ``link_norm`` as that function says.
 
-    ``forward(x, adj, mask)`` returns a :class:`DiffPoolOutput`.
+    ``forward(x, adj, mask, num_clusters=None)`` returns a :class:`DiffPoolOutput`. With
+    ``num_clusters`` ([B] ints, 1 <= k_b <= C) graph b pools into its first k_b clusters: the
+    logits are cut to K = max k_b columns, the outputs are [B, K, .], and ``mask`` of the output
+    marks the real clusters (none for a graph with no real node).
     """
 
     def __init__(
@@ -219,6 +239,7 @@ class DiffPool(nn.Module):
         link_norm: Union[bool, str] = "graph",
         backend: str = "auto",
         adj_symmetric: Optional[bool] = None,
+        link_loss: str = "frobenius",
     ):
         super().__init__()
         if clusters < 1:
@@ -233,6 +254,7 @@ class DiffPool(nn.Module):
         self.link_norm = link_norm
         self.backend = backend
         self.adj_symmetric = adj_symmetric
+        self.link_loss = link_loss
         #: Run the two GNNs side by side as one fused node where both are fusable SAGE blocks.
         self.pair_gnns = True
 
@@ -253,15 +275,23 @@ class DiffPool(nn.Module):
             adj = adj.to(x.dtype)
         return a(x, adj, mask), e(x, adj, mask)
 
-    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None) -> DiffPoolOutput:
+    def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None,
+                num_clusters: Optional[Tensor] = None) -> DiffPoolOutput:
         s, z = self._gnns(x, adj, mask)
+        next_mask = None
+        if num_clusters is not None:
+            K = int(num_clusters.max()) if num_clusters.numel() else 1
+            s = s[..., :K]
+            next_mask = cluster_mask(num_clusters, K)
+            if mask is not None:
+                next_mask = next_mask & mask.reshape(num_clusters.shape[0], -1).any(dim=1, keepdim=True)
         if self.link_norm == "graph":
             # Per-graph losses averaged over the graphs that have nodes: unlike the batch-wide
             # entropy (divided by B*N, padding included), this does not change with how far a
             # batch is padded, so size-bucketed and fully padded batches train the same model.
             out, out_adj, link_g, ent_g = pool_with_adj_op(
                 z, adj, s, mask, normalize="graph", backend=self.backend, per_graph=True,
-                adj_symmetric=self.adj_symmetric,
+                adj_symmetric=self.adj_symmetric, num_clusters=num_clusters, link_loss=self.link_loss,
             )
             if mask is None:
                 link, ent = link_g.mean(), ent_g.mean()
@@ -272,25 +302,34 @@ class DiffPool(nn.Module):
         else:
             out, out_adj, link, ent = pool_with_adj_op(
                 z, adj, s, mask, normalize=self.link_norm, backend=self.backend,
-                adj_symmetric=self.adj_symmetric,
+                adj_symmetric=self.adj_symmetric, num_clusters=num_clusters, link_loss=self.link_loss,
             )
-        return DiffPoolOutput(out, out_adj, link, ent, z, s)
+        return DiffPoolOutput(out, out_adj, link, ent, z, s, next_mask)
 
     def forward_edges(self, x: Tensor, edge_index: Tensor, batch: Tensor, num_graphs: int,
-                      edge_weight: Optional[Tensor] = None) -> DiffPoolOutput:
+                      edge_weight: Optional[Tensor] = None, num_clusters: Optional[Tensor] = None) -> DiffPoolOutput:
         """:meth:`forward` on a sparse batch: x [N, F], ``edge_index`` [2, E], ``batch`` [N] (sorted
         graph ids), ``num_graphs`` B. Returns the same outputs as the dense form of the batch
         (each graph padded to the largest): x [B, C, F] and adj [B, C, C] dense, the losses as
         :meth:`forward` scales them; ``embedding`` [N, F] and ``assignment`` [N, C] per node."""
+        if self.link_loss != "frobenius":
+            raise ValueError(f"link_loss={self.link_loss!r} needs every node pair and has no edge-list form: "
+                             "run level 0 on the dense batch (diffpool-fast train --level0 dense)")
         check_edges(x, edge_index, edge_weight)
         s = self.assign.forward_edges(x, edge_index, edge_weight, check=False)
         z = self.embed.forward_edges(x, edge_index, edge_weight, check=False)
+        next_mask = None
+        if num_clusters is not None:
+            K = int(num_clusters.max()) if num_clusters.numel() else 1
+            s = s[:, :K]
+            has_nodes = torch.bincount(batch, minlength=num_graphs) > 0
+            next_mask = cluster_mask(num_clusters, K) & has_nodes[:, None]
         # The edge pass has no Triton kernel: level 0 runs the torch one under backend="triton".
         backend = "torch" if self.backend == "triton" else self.backend
         if self.link_norm == "graph":
             out, out_adj, link_g, ent_g = sparse_diff_pool(
                 z, edge_index, s, batch, edge_weight, normalize="graph", num_graphs=num_graphs,
-                per_graph=True, backend=backend,
+                per_graph=True, backend=backend, num_clusters=num_clusters,
             )
             real = (torch.bincount(batch, minlength=num_graphs) > 0).to(link_g.dtype)
             count = real.sum().clamp_min(1.0)
@@ -298,9 +337,9 @@ class DiffPool(nn.Module):
         else:
             out, out_adj, link, ent = sparse_diff_pool(
                 z, edge_index, s, batch, edge_weight, normalize=self.link_norm, num_graphs=num_graphs,
-                backend=backend,
+                backend=backend, num_clusters=num_clusters,
             )
-        return DiffPoolOutput(out, out_adj, link, ent, z, s)
+        return DiffPoolOutput(out, out_adj, link, ent, z, s, next_mask)
 
 
 def _segment_readout(x: Tensor, batch: Tensor, num_graphs: int, how: str) -> Tensor:
@@ -385,6 +424,14 @@ class DiffPoolClassifier(nn.Module):
             then passes ``adj_symmetric=True`` to ``dense_diff_pool``, whose backward makes no
             pass over the adjacency. The coarsened S^T A S is symmetric only up to rounding, so
             deeper levels' gradients then use A S for A^T S: a rounding-level difference.
+        clusters_per_graph: False (default, the paper's): every graph pools into the level's C
+            clusters. True: graph b gets k_b = ceil(ratio * n_b) clusters (n_b: its real nodes
+            at that level), at least 1 and at most the level's C (so with explicit ``clusters``
+            they cap k_b, and ``ratio`` still sets it); a batch's level is as wide as its largest
+            k_b, and levels >= 1 run with the cluster mask (masked batch norm and readout).
+        link_loss: ``"frobenius"`` (default) or ``"bce"`` (the DiffPool authors' binary
+            cross-entropy of min(S S^T, 1) against A, ``dense_diff_pool``'s ``link_loss``). With
+            ``"bce"`` the edge-list form below is refused (the loss needs every node pair).
 
     ``forward(x, adj, mask=None)`` returns ``(logits [B, num_classes], aux)`` with
     ``aux = link_weight * sum_l link_l + ent_weight * sum_l ent_l`` summed over the pooling
@@ -426,6 +473,8 @@ class DiffPoolClassifier(nn.Module):
         link_norm: Union[bool, str] = "graph",
         backend: str = "auto",
         adj_symmetric: Optional[bool] = None,
+        clusters_per_graph: bool = False,
+        link_loss: str = "frobenius",
     ):
         super().__init__()
         if in_channels < 1 or num_classes < 1:
@@ -444,8 +493,15 @@ class DiffPoolClassifier(nn.Module):
             clusters = [int(c) for c in clusters]
             if any(c < 1 for c in clusters):
                 raise ValueError(f"clusters must all be >= 1, got {clusters}")
+        if link_loss not in ("frobenius", "bce"):
+            raise ValueError(f"link_loss must be 'frobenius' or 'bce', got {link_loss!r}")
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
         self.clusters = list(clusters)
         self.max_nodes = max_nodes
+        self.ratio = float(ratio)
+        self.clusters_per_graph = bool(clusters_per_graph)
+        self.link_loss = link_loss
         kw = dict(hidden=hidden, gnn=gnn, layers=layers, jk=jk, batch_norm=batch_norm)
         self.levels = nn.ModuleList()
         width = in_channels
@@ -453,7 +509,7 @@ class DiffPoolClassifier(nn.Module):
             # S^T A S of a symmetric A is symmetric (up to rounding), so the promise carries
             # down the levels.
             level = DiffPool(width, c, link_norm=link_norm, backend=backend,
-                             adj_symmetric=adj_symmetric, **kw)
+                             adj_symmetric=adj_symmetric, link_loss=link_loss, **kw)
             self.levels.append(level)
             width = level.out_channels
         self.final = DenseGNN(width, hidden, hidden, layers=layers, gnn=gnn, jk=jk, batch_norm=batch_norm)
@@ -500,10 +556,10 @@ class DiffPoolClassifier(nn.Module):
         """The dense levels ``levels``, the final GNN (unless ``final_read`` already holds its
         readout), the readout and the head."""
         for level in levels:
-            out = level(x, adj, mask)
+            out = level(x, adj, mask, self._graph_clusters(level, x, mask))
             if self.readout_levels == "all":
                 reads.append(_readout(out.embedding, mask, self.readout))
-            x, adj, mask = out.x, out.adj, None
+            x, adj, mask = out.x, out.adj, out.mask
             link = link + out.link_loss
             ent = ent + out.ent_loss
         if final_read is None:
@@ -517,6 +573,13 @@ class DiffPoolClassifier(nn.Module):
         if return_terms:
             return logits, aux, {"link": link, "ent": ent}
         return logits, aux
+
+    def _graph_clusters(self, level: DiffPool, x: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
+        """k_b for ``level`` from the real nodes of x [B, N, F] (None: fixed clusters)."""
+        if not self.clusters_per_graph:
+            return None
+        nodes = mask.sum(dim=1) if mask is not None else torch.full((x.shape[0],), x.shape[1], device=x.device)
+        return graph_clusters(nodes, self.ratio, level.clusters)
 
     def _forward_edges(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor],
                        edge_weight: Optional[Tensor], num_graphs: Optional[int], return_terms: bool):
@@ -541,9 +604,12 @@ class DiffPoolClassifier(nn.Module):
             z = self.final.forward_edges(x, edge_index, edge_weight, check=False)
             read = _segment_readout(z, batch, B, self.readout)
             return self._levels(x, None, None, [], reads, link, ent, return_terms, final_read=read)
-        out = self.levels[0].forward_edges(x, edge_index, batch, B, edge_weight)
+        k = None
+        if self.clusters_per_graph:
+            k = graph_clusters(torch.bincount(batch, minlength=B), self.ratio, self.levels[0].clusters)
+        out = self.levels[0].forward_edges(x, edge_index, batch, B, edge_weight, num_clusters=k)
         if self.readout_levels == "all":
             reads.append(_segment_readout(out.embedding, batch, B, self.readout))
         link = link + out.link_loss
         ent = ent + out.ent_loss
-        return self._levels(out.x, out.adj, None, self.levels[1:], reads, link, ent, return_terms)
+        return self._levels(out.x, out.adj, out.mask, self.levels[1:], reads, link, ent, return_terms)

@@ -45,7 +45,7 @@ def compute_dtype(x: Tensor, s: Tensor) -> torch.dtype:
 def _blocks(B: int, N: int, itemsize: int):
     """(b0, b1, r0, r1) blocks of a [B, N, N] adjacency, each at most CONVERT_CHUNK_BYTES once
     converted to ``itemsize``-byte entries: whole graphs when one fits, else rows of one graph."""
-    return link_exact._row_blocks(B, N, itemsize, CONVERT_CHUNK_BYTES)
+    return link_exact.row_blocks(B, N, itemsize, CONVERT_CHUNK_BYTES)
 
 
 def adjacency_matmul(adj, W: Tensor, transpose: bool = False, want_sq: bool = False):

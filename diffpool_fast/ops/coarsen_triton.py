@@ -128,7 +128,7 @@ def _pick_sym(check_sym: bool, sym_known: int, B: int, device) -> Tuple[bool, Op
 @torch.library.custom_op("diffpool_fast::coarsen", mutates_args=())
 def _coarsen_op(
     x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor], check_sym: bool, sym_known: int,
-    precision: str = "tf32x3",
+    precision: str = "tf32x3", num_clusters: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, out_adj, q_raw, ent_sum, S, AS, StS, asym, flags); q_raw is link_sq before the
     clamp, flags [B] int32 is 1 where q_raw was recomputed directly (``link_exact``)."""
@@ -138,7 +138,7 @@ def _coarsen_op(
     f = _forced
     do_check, asym_known = _pick_sym(check_sym, sym_known, x.shape[0], x.device)
     mask = mask.contiguous() if mask is not None else None
-    S, ent_sum = assignment_fwd(s, mask, f.get("row_n"))
+    S, ent_sum = assignment_fwd(s, mask, f.get("row_n"), num_clusters)
     AS, adj_sq, asym = adjacency_fwd(adj, S, do_check, f.get("adj_m"), f.get("adj_k"),
                                      input_precision=precision)
     if asym_known is not None:
@@ -162,7 +162,7 @@ def _coarsen_op(
 
 
 @_coarsen_op.register_fake
-def _coarsen_fake(x, adj, s, mask, check_sym, sym_known, precision="tf32x3"):
+def _coarsen_fake(x, adj, s, mask, check_sym, sym_known, precision="tf32x3", num_clusters=None):
     B, N, C = s.shape
     F = x.shape[2]
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -294,7 +294,7 @@ def _backward(ctx, g_out, g_out_adj, g_q, g_ent, *unused):
         ctx.s_dtype, need_dx, need_ds, need_dadj, flags, ctx.precision,
     )
     return (dx if need_dx else None, dadj if need_dadj else None, ds if need_ds else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _coarsen_op.register_autograd(_backward, setup_context=_setup_context)
@@ -302,7 +302,7 @@ _coarsen_op.register_autograd(_backward, setup_context=_setup_context)
 
 def coarsen_triton(
     x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor] = None, *,
-    adj_symmetric: Optional[bool] = None,
+    adj_symmetric: Optional[bool] = None, num_clusters: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One coarsening step on the Triton kernels; the contract of ``coarsen_torch``.
 
@@ -310,11 +310,13 @@ def coarsen_triton(
     float64)``. ``adj_symmetric``: True promises A_b = A_b^T (the backward never reads A for
     ds); False says it is not; None (default) checks it exactly in the forward pass, only when
     a gradient into s will be needed. The dot precision is read from
-    ``torch.get_float32_matmul_precision()`` at each call (``dot_precision``).
+    ``torch.get_float32_matmul_precision()`` at each call (``dot_precision``). ``num_clusters``:
+    [B] k_b (checked), masked in the row pass; S is 0 past k_b, so every later launch and the
+    backward (dL = S * (...)) need no change.
     """
     check_sym = adj_symmetric is None and torch.is_grad_enabled() and s.requires_grad
     sym_known = {None: _SYM_UNKNOWN, False: _SYM_NO, True: _SYM_YES}[adj_symmetric]
-    outs = torch.ops.diffpool_fast.coarsen(x, adj, s, mask, check_sym, sym_known, dot_precision())
+    outs = torch.ops.diffpool_fast.coarsen(x, adj, s, mask, check_sym, sym_known, dot_precision(), num_clusters)
     out, out_adj, q_raw, ent_sum = outs[:4]
     # q <= 0 is clamped (with a zero gradient there); NaN passes, with its gradient
     link_sq = torch.where(q_raw <= 0, torch.zeros_like(q_raw), q_raw)

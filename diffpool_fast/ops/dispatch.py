@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..config import BACKEND_ENV, POOL_BACKENDS, backend_override, triton_importable, triton_interpreting
 from .coarsen_torch import coarsen_torch
+from .inputs import mask_logits
 
 _warned: set = set()
 
@@ -76,12 +77,16 @@ def coarsen(
     backend: str = "auto",
     adj_symmetric: Optional[bool] = None,
     adj_op=None,
+    num_clusters: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-graph coarsening quantities ``(out, out_adj, link_sq, ent_sum)`` on the chosen backend.
 
-    Inputs must already be checked and batched (``inputs.check_pool_inputs``). ``adj_op``: the
-    same adjacency as a :class:`diffpool_fast.ops.block_sparse.BlockSparseAdj`, which the torch path then
-    multiplies with (the Triton kernels read the dense ``adj``).
+    Inputs must already be checked and batched (``inputs.check_pool_inputs``, and
+    ``inputs.check_num_clusters`` for ``num_clusters``). ``adj_op``: the same adjacency as a
+    :class:`diffpool_fast.ops.block_sparse.BlockSparseAdj`, which the torch path then multiplies
+    with (the Triton kernels read the dense ``adj``). ``num_clusters`` [B] int64: graph b's softmax
+    runs over its first k_b columns, the others of S are exactly 0 (the Triton row pass masks
+    them in the kernel; the torch path sets those logits to -inf first).
     """
     chosen = resolve_backend(backend, x.device)
     if chosen == "triton":
@@ -91,6 +96,7 @@ def coarsen(
             raise RuntimeError(f"the Triton path is not available in this build: {err}") from err
         reason = coarsen_triton.unsupported_reason(x, adj, s, mask)
         if reason is None:
-            return coarsen_triton.coarsen_triton(x, adj, s, mask, adj_symmetric=adj_symmetric)
+            return coarsen_triton.coarsen_triton(x, adj, s, mask, adj_symmetric=adj_symmetric,
+                                                 num_clusters=num_clusters)
         _warn_once(reason, f"diffpool_fast: falling back to the torch path: {reason}")
-    return coarsen_torch(x, adj if adj_op is None else adj_op, s, mask, adj_symmetric)
+    return coarsen_torch(x, adj if adj_op is None else adj_op, mask_logits(s, num_clusters), mask, adj_symmetric)

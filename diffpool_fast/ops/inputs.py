@@ -158,3 +158,55 @@ def node_counts(mask: Optional[Tensor], B: int, N: int, device) -> Tensor:
     if mask is None:
         return torch.full((B,), N, dtype=torch.int64, device=device)
     return mask.sum(dim=1)
+
+
+def check_num_clusters(num_clusters, B: int, C: int, device) -> Optional[Tensor]:
+    """``num_clusters`` as a [B] int64 tensor on ``device`` (or None), else a clear error.
+
+    Accepted: None (every graph uses all C columns of s), a [B] integer tensor, or a sequence
+    of B ints; each k_b must lie in [1, C] (a graph keeps at least one cluster, so every real
+    row still sums to 1). Inside ``torch.compile`` the range check is a tensor-side
+    assertion, as for the mask's values.
+    """
+    if num_clusters is None:
+        return None
+    if isinstance(num_clusters, (list, tuple)):
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in num_clusters):
+            raise TypeError("num_clusters must be a [B] integer tensor or a sequence of ints, got "
+                            f"{[type(k).__name__ for k in num_clusters][:4]}")
+        num_clusters = torch.tensor(list(num_clusters), dtype=torch.int64, device=device)
+    if not isinstance(num_clusters, Tensor):
+        raise TypeError(f"num_clusters must be None, a [B] integer tensor or a sequence of ints, "
+                        f"got {type(num_clusters).__name__}")
+    _dense_tensor("num_clusters", num_clusters, " or None")
+    if num_clusters.is_floating_point() or num_clusters.is_complex() or num_clusters.dtype == torch.bool:
+        raise TypeError(f"num_clusters must hold integers (clusters per graph), got dtype {num_clusters.dtype}")
+    if tuple(num_clusters.shape) != (B,):
+        raise ValueError(f"num_clusters must have shape [B] = [{B}] (one cluster count per graph), "
+                         f"got {_shape(num_clusters)}")
+    if str(num_clusters.device) != str(device):
+        raise ValueError(f"num_clusters must be on the device of s ({device}), got {num_clusters.device}")
+    k = num_clusters.to(torch.int64)
+    bad = (k < 1) | (k > C)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "num_clusters must lie in [1, C]")
+    elif B > 0 and bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"num_clusters must lie in [1, C] with C={C} (the columns of s), "
+                         f"got num_clusters[{b}] = {int(k[b])}")
+    return k
+
+
+def cluster_mask(num_clusters: Tensor, C: int) -> Tensor:
+    """[B, C] bool, True at the real clusters of each graph: column c of graph b is real when
+    c < num_clusters[b]. This is the ``mask`` of the next level's nodes."""
+    return torch.arange(C, device=num_clusters.device)[None, :] < num_clusters[:, None]
+
+
+def mask_logits(s: Tensor, num_clusters: Optional[Tensor]) -> Tensor:
+    """s [B, N, C] with the columns past each graph's k_b set to -inf, so a row softmax puts
+    exactly 0 there and sends them no gradient (s itself when ``num_clusters`` is None)."""
+    if num_clusters is None:
+        return s
+    keep = cluster_mask(num_clusters, s.shape[-1])
+    return s.masked_fill(~keep[:, None, :], float("-inf"))

@@ -88,7 +88,7 @@ def cancellation_flags(adj_sq: Tensor, sts_sq: Tensor, q_raw: Tensor) -> Tensor:
     return terms > RHO * q_raw
 
 
-def _row_blocks(B: int, N: int, itemsize: int, chunk_bytes: int) -> Iterator[Tuple[int, int, int, int]]:
+def row_blocks(B: int, N: int, itemsize: int, chunk_bytes: int) -> Iterator[Tuple[int, int, int, int]]:
     """(g0, g1, r0, r1): graphs g0:g1, rows r0:r1, each block at most ``chunk_bytes`` as
     ``itemsize``-byte entries [g, r, N] (one row at the least)."""
     rows = max(1, chunk_bytes // max(1, N * itemsize))
@@ -102,7 +102,7 @@ def _row_blocks(B: int, N: int, itemsize: int, chunk_bytes: int) -> Iterator[Tup
                 yield g, g + 1, r0, min(N, r0 + rows)
 
 
-def _sparse_rows(adj: BlockSparseAdj, b: int, r0: int, r1: int) -> Tensor:
+def sparse_rows(adj: BlockSparseAdj, b: int, r0: int, r1: int) -> Tensor:
     """Rows r0:r1 of graph b of a BlockSparseAdj, dense [1, r1 - r0, N] float64."""
     _, N, _ = adj.shape
     lo, hi = b * N + r0, b * N + r1
@@ -151,8 +151,8 @@ def exact_link(
     graph_list = graphs if isinstance(graphs, list) else graphs.tolist()
     graphs = torch.tensor(graph_list, dtype=torch.long, device=dev) if isinstance(graphs, list) else graphs
     # sparse adjacencies are densified one graph's rows at a time
-    blocks = _row_blocks(G, N, _WIDE.itemsize, chunk_bytes) if not sparse else (
-        (g, g + 1, r0, r1) for g in range(G) for _, _, r0, r1 in _row_blocks(1, N, _WIDE.itemsize, chunk_bytes)
+    blocks = row_blocks(G, N, _WIDE.itemsize, chunk_bytes) if not sparse else (
+        (g, g + 1, r0, r1) for g in range(G) for _, _, r0, r1 in row_blocks(1, N, _WIDE.itemsize, chunk_bytes)
     )
     group_key = None
     for g0, g1, r0, r1 in blocks:
@@ -163,7 +163,7 @@ def exact_link(
         # R rows = A rows - S rows S^T, one [g, r, N] float64 block (the only N-wide buffer;
         # converting first and subtracting in place is the fastest form on the CPU)
         if sparse:
-            R = _sparse_rows(adj, graph_list[g0], r0, r1)
+            R = sparse_rows(adj, graph_list[g0], r0, r1)
         elif g1 - g0 == 1:  # copy=True: a float64 adj must not be the block subtracted into
             R = adj[graph_list[g0], r0:r1].unsqueeze(0).to(_WIDE, copy=True)
         else:

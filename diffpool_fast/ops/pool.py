@@ -9,9 +9,11 @@ from torch import Tensor
 from ..config import CONVERT_CHUNK_BYTES
 from .block_sparse import BlockSparseAdj
 from .dispatch import check_backend, coarsen
-from .inputs import check_pool_inputs, node_counts
+from .inputs import check_num_clusters, check_pool_inputs, mask_logits, node_counts
+from .link_bce import bce_link_sums
 
 NORMALIZE_MODES = ("numel", "none", "graph")
+LINK_LOSSES = ("frobenius", "bce")
 
 
 def _kind(value) -> str:
@@ -39,9 +41,13 @@ def _normalize_mode(normalize) -> str:
     )
 
 
-def _check_options(backend, per_graph, adj_symmetric) -> None:
+def _check_options(backend, per_graph, adj_symmetric, link_loss="frobenius") -> None:
     """TypeError/ValueError for keyword options of the wrong kind (1 is not a bool here)."""
     check_backend(backend)
+    if not isinstance(link_loss, str):
+        raise TypeError(f"link_loss must be one of {LINK_LOSSES}, got {_kind(link_loss)}")
+    if link_loss not in LINK_LOSSES:
+        raise ValueError(f"link_loss must be one of {LINK_LOSSES}, got {link_loss!r}")
     if not isinstance(per_graph, bool):
         raise TypeError(f"per_graph must be a bool, got {_kind(per_graph)}")
     if adj_symmetric is not None and not isinstance(adj_symmetric, bool):
@@ -70,6 +76,8 @@ def dense_diff_pool(
     backend: str = "auto",
     per_graph: bool = False,
     adj_symmetric: Optional[bool] = None,
+    num_clusters: Optional[Tensor] = None,
+    link_loss: str = "frobenius",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""DiffPool coarsening (Ying et al. 2018), a drop-in for PyG's ``dense_diff_pool``.
 
@@ -113,6 +121,20 @@ def dense_diff_pool(
             graphs, and every ``out_adj`` of a symmetric adjacency up to rounding): the backward
             pass then uses A^T S = A S and never reads adj. ``None`` (default): unknown, always
             correct. Passing ``True`` for a non-symmetric adj gives wrong gradients.
+        num_clusters: None (default: every graph uses all C clusters), or a [B] integer tensor
+            (or a list of B ints) with 1 <= k_b <= C: graph b has k_b clusters. Its softmax runs
+            over the first k_b columns of ``s[b]``, the other columns of S_b are exactly 0 (and
+            ``s[b]`` there gets no gradient), so the rows and columns of ``out[b]`` and
+            ``out_adj[b]`` past k_b are 0 and both losses count real clusters only. The next
+            level's mask is ``diffpool_fast.ops.inputs.cluster_mask(num_clusters, C)``.
+        link_loss: ``"frobenius"`` (default, PyG's ||A - S S^T||_F as above) or ``"bce"``: the
+            DiffPool authors' binary cross-entropy of min(S S^T, 1) against A over real node
+            pairs (definition, clamp gradient and cost in ``diffpool_fast/ops/link_bce.py``).
+            Scaling by ``normalize``: ``True``/``"numel"`` divides the batch's sum by
+            sum_b n_b^2 (the authors' mean over real pairs), ``"graph"`` averages each graph's
+            mean over its n_b^2 pairs over the graphs with a node, ``False``/``"none"`` is the
+            plain sum; with ``per_graph`` each graph's sum over n_b^2 (``"numel"``, ``"graph"``)
+            or its sum (``"none"``). Entries of adj at padded pairs are never read as links.
 
     Errors: ``TypeError``/``ValueError`` naming the argument and shapes for bad inputs.
 
@@ -123,7 +145,7 @@ def dense_diff_pool(
     ``DIFFPOOL_FAST_BACKEND``.
     """
     return pool_with_adj_op(x, adj, s, mask, normalize, backend=backend, per_graph=per_graph,
-                            adj_symmetric=adj_symmetric)
+                            adj_symmetric=adj_symmetric, num_clusters=num_clusters, link_loss=link_loss)
 
 
 def pool_with_adj_op(
@@ -137,6 +159,8 @@ def pool_with_adj_op(
     per_graph: bool = False,
     adj_symmetric: Optional[bool] = None,
     adj_op=None,
+    num_clusters: Optional[Tensor] = None,
+    link_loss: str = "frobenius",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`dense_diff_pool`, with the products over A optionally taken from ``adj_op``.
 
@@ -145,25 +169,57 @@ def pool_with_adj_op(
     level 0 uses it; the public drop-in has no such argument.
     """
     mode = _normalize_mode(normalize)
-    _check_options(backend, per_graph, adj_symmetric)
+    _check_options(backend, per_graph, adj_symmetric, link_loss)
     inp = check_pool_inputs(x, adj, s, mask)
-    B, N = inp.x.shape[0], inp.x.shape[1]
-    out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend, adj_symmetric, adj_op)
+    B, N, C = inp.s.shape
+    k = check_num_clusters(num_clusters, B, C, inp.s.device)
+    out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend, adj_symmetric, adj_op, k)
+    n = node_counts(inp.mask, B, N, link_sq.device)
+    result_dtype = torch.promote_types(inp.x.dtype, inp.s.dtype)
+    if link_loss == "bce":
+        S = assignment(inp.s, inp.mask, k)
+        bce = bce_link_sums(inp.adj if adj_op is None else adj_op, S, inp.mask)
+        link = finish_bce(bce, n, mode, per_graph)
+        _, ent = finish_losses(link_sq, ent_sum, n, N, mode, per_graph)
+        return out.to(result_dtype), out_adj.to(result_dtype), link.to(result_dtype), ent.to(result_dtype)
     if mode == "graph" and inp.mask is not None:
         # The backends sum ||A_b - S_b S_b^T||^2 over all N^2 pairs. S is 0 on padded rows, so
         # at a pair with a padded node the residual is A's entry itself: take those out.
         pad_sq = padded_pair_sq(inp.adj if adj_op is None else adj_op, inp.mask)
         link_sq = (link_sq - pad_sq).clamp_min(0.0)
 
-    n = node_counts(inp.mask, B, N, link_sq.device)
     link, ent = finish_losses(link_sq, ent_sum, n, N, mode, per_graph)
-    result_dtype = torch.promote_types(inp.x.dtype, inp.s.dtype)
     return (
         out.to(result_dtype),
         out_adj.to(result_dtype),
         link.to(result_dtype),
         ent.to(result_dtype),
     )
+
+
+def assignment(s: Tensor, mask: Optional[Tensor], num_clusters: Optional[Tensor]) -> Tensor:
+    """S = m * softmax(s) over each graph's first k_b columns, in the compute dtype (float32 for
+    half inputs), with plain autograd: [B, N, C] (what the backends compute inside their ops)."""
+    dt = s.dtype if s.dtype in (torch.float32, torch.float64) else torch.float32
+    S = torch.softmax(mask_logits(s, num_clusters).to(dt), dim=-1)
+    if mask is not None:
+        S = S * mask.unsqueeze(-1).to(dt)
+    return S
+
+
+def finish_bce(bce: Tensor, n: Tensor, mode: str, per_graph: bool) -> Tensor:
+    """The BCE link loss from its per-graph sums ``bce`` [B] and node counts ``n`` [B]
+    (scalings in :func:`dense_diff_pool`, ``link_loss``)."""
+    n2 = n.to(bce.dtype) ** 2
+    has_nodes = n2 > 0
+    per = torch.where(has_nodes, bce / n2.clamp_min(1), torch.zeros_like(bce))
+    if per_graph:
+        return bce if mode == "none" else per
+    if mode == "none":
+        return bce.sum()
+    if mode == "graph":
+        return per.sum() / has_nodes.sum().clamp_min(1)
+    return bce.sum() / n2.sum().clamp_min(1)
 
 
 def finish_losses(
@@ -298,7 +354,11 @@ def _script_dense_diff_pool(
     backend: str = "auto",
     per_graph: bool = False,
     adj_symmetric: Optional[bool] = None,
+    num_clusters: Optional[Tensor] = None,
+    link_loss: str = "frobenius",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if link_loss != "frobenius" and link_loss != "bce":
+        raise ValueError("link_loss must be one of ('frobenius', 'bce'), got '" + link_loss + "'")
     if normalize is None:
         mode = "none"
     elif isinstance(normalize, bool):
@@ -343,6 +403,13 @@ def _script_dense_diff_pool(
     dt = result_dtype
     if dt == torch.float16 or dt == torch.bfloat16:
         dt = torch.float32
+    if num_clusters is not None:
+        if num_clusters.dim() != 1 or num_clusters.shape[0] != B or num_clusters.is_floating_point():
+            raise ValueError(f"num_clusters must be a [B] = [{B}] integer tensor, got shape {num_clusters.shape}")
+        if bool(((num_clusters < 1) | (num_clusters > C)).any()):
+            raise ValueError(f"num_clusters must lie in [1, C] with C={C}")
+        keep = torch.arange(C, device=s.device).unsqueeze(0) < num_clusters.unsqueeze(1)
+        s = s.masked_fill(~keep.unsqueeze(1), float("-inf"))
     S = torch.softmax(s.to(dt), dim=-1)
     m = torch.ones(B, N, dtype=torch.bool, device=x.device)
     if mask is not None:
@@ -366,7 +433,22 @@ def _script_dense_diff_pool(
     has_nodes = n > 0
     # 1e-15: config.EPS, as PyG (TorchScript reads no module-level floats)
     ent_rows = -(S * torch.log(S + 1e-15)).sum(dim=-1)  # [B, N], 0 on padded rows
-    if mode == "graph":
+    if link_loss == "bce":
+        P = torch.minimum(S @ St, torch.ones(1, dtype=dt, device=x.device))
+        terms = -A * torch.log(P + 1e-7) - (1.0 - A) * torch.log(1.0 - P + 1e-7)  # link_bce.EPS_BCE
+        terms = torch.where(m.unsqueeze(2) & m.unsqueeze(1), terms, torch.zeros_like(terms))
+        bce = terms.sum(dim=(1, 2))
+        n2 = n * n
+        per_b = torch.where(has_nodes, bce / n2.clamp_min(1.0), torch.zeros_like(bce))
+        if per_graph:
+            link = bce if mode == "none" else per_b
+        elif mode == "none":
+            link = bce.sum()
+        elif mode == "graph":
+            link = per_b.sum() / has_nodes.sum().clamp_min(1).to(dt)
+        else:
+            link = bce.sum() / n2.sum().clamp_min(1.0)
+    elif mode == "graph":
         if mask is not None:
             R = R * (m.unsqueeze(2) & m.unsqueeze(1)).to(dt)
         per = torch.where(has_nodes, (R * R).sum(dim=(1, 2)) / n.clamp_min(1.0) ** 2,

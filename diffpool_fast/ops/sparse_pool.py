@@ -67,6 +67,7 @@ from torch import Tensor
 
 from ..config import BACKEND_ENV, EPS, POOL_BACKENDS, backend_override
 from .coarsen_torch import compute_dtype
+from .inputs import check_num_clusters, cluster_mask
 from .pool import _normalize_mode, finish_losses
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -521,6 +522,7 @@ def sparse_diff_pool(
     num_graphs: Optional[int] = None,
     per_graph: bool = False,
     backend: str = "auto",
+    num_clusters: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""DiffPool on a sparse PyG mini-batch; equals ``dense_diff_pool`` on its dense form.
 
@@ -545,6 +547,8 @@ def sparse_diff_pool(
         num_graphs: B; default ``batch.max() + 1``. Larger values add graphs with no nodes
             (zero outputs, not counted by ``normalize="graph"``).
         per_graph: if True, ``link_loss`` and ``ent_loss`` are [B] tensors, one value per graph.
+        num_clusters: [B] ints, 1 <= k_b <= C, or None: graph b's softmax runs over its first k_b
+            columns and the rest of its S is 0, as in ``dense_diff_pool``.
         backend: ``"auto"`` or ``"torch"`` (the same code on CPU and CUDA). ``"triton"`` raises a
             ``ValueError``: the edge pass has no Triton kernel yet. ``DIFFPOOL_FAST_BACKEND``
             overrides the argument, as for ``dense_diff_pool``.
@@ -560,6 +564,12 @@ def sparse_diff_pool(
         raise TypeError(f"per_graph must be a bool, got {type(per_graph).__name__}")
     _check_backend(backend)
     inp = _check_inputs(x, edge_index, s, batch, edge_weight, num_graphs)
+    k = check_num_clusters(num_clusters, inp.B, inp.s.shape[1], inp.s.device)
+    if k is not None:
+        keep = cluster_mask(k, inp.s.shape[1])  # [B, C]
+        graph = inp.batch if inp.batch is not None else inp.s.new_zeros(inp.s.shape[0], dtype=torch.long)
+        rows = keep[graph]
+        inp = inp._replace(s=inp.s.masked_fill(~rows, float("-inf")))
     out, out_adj, link_sq, ent_sum, n, N_max = _coarsen_sparse(inp)
     link, ent = finish_losses(link_sq, ent_sum, n, N_max, mode, per_graph)
     if mode != "graph":

@@ -45,15 +45,18 @@ def _row_variants(full: bool) -> List[Variant]:
     out = []
     for c_pad, cfg, bcfg in row_configs():
         for ldt in ("fp32", "bf16", "fp16") if full else ("fp32",):
-            for has_mask in (True, False):
+            # per-graph cluster counts (num_clusters) with and without a node mask
+            for has_mask, has_nc in ((True, False), (False, False), (True, True), (False, True)):
                 args = {
                     "logit_ptr": _TL[ldt], "mask_ptr": "*u8" if has_mask else "*fp32",
+                    "nc_ptr": "*i32" if has_nc else "*fp32",
                     "S_ptr": "*fp32", "ent_part_ptr": "*fp32",
                     "N": "i32", "C": "i32", "n_blocks": "i32",
                     "stride_lb": "i32", "stride_ln": "i32", "stride_lc": 1, "stride_mb": "i32",
-                    "HAS_MASK": has_mask, "BLOCK_N": cfg.block_n, "C_PAD": c_pad,
+                    "HAS_MASK": has_mask, "HAS_NC": has_nc, "BLOCK_N": cfg.block_n, "C_PAD": c_pad,
                 }
-                label = f"C_PAD={c_pad} BN={cfg.block_n} w{cfg.num_warps} s={ldt} mask={int(has_mask)}"
+                label = (f"C_PAD={c_pad} BN={cfg.block_n} w{cfg.num_warps} s={ldt} mask={int(has_mask)}"
+                         f" nc={int(has_nc)}")
                 out.append(Variant("assignment_fwd_kernel", label, args, cfg.num_warps,
                                    cfg.num_stages))
         # a split configuration launches the kernel for dL only (dX is a torch matmul)

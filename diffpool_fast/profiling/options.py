@@ -163,7 +163,6 @@ def build_config(args) -> Config:
     if args.warmup < 0:
         raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
     check_density(args.density)
-    load_avg = set_threads(args)
     nodes = int_list(args.nodes, "--nodes")
     dtype = parse_dtype(args.dtype, "--dtype", FLOAT_DTYPES)
     adj_dtype = dtype if args.adj_dtype.strip().lower() == "same" else parse_dtype(
@@ -180,13 +179,15 @@ def build_config(args) -> Config:
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    max_batch = parse_bytes(args.max_batch) if args.max_batch is not None else None
+    load_avg = set_threads(args)  # after every check: a bad option's error is the only line printed
     out = args.out or os.path.join(
         "runs", "profile-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     return Config(
         shapes=shapes, modes=modes, backends=backends, device=device, repeats=args.repeats,
         warmup=args.warmup, density=args.density, seed=args.seed, out=out,
         memory=not args.no_memory, accuracy=args.accuracy,
-        max_batch=parse_bytes(args.max_batch) if args.max_batch is not None else None,
+        max_batch=max_batch,
         peak_bandwidth=args.peak_bandwidth, peak_tflops=args.peak_tflops,
         command=command_line(args), load_avg=load_avg,
     )

@@ -133,6 +133,7 @@ def _build_model(cfg: dict, ds):
         dropout=cfg["dropout"], batch_norm=cfg["norm"], link_weight=cfg["link_weight"],
         ent_weight=cfg["ent_weight"], link_norm=cfg["link_norm"], backend=cfg["backend"],
         adj_symmetric=True if ds.undirected else None,
+        clusters_per_graph=cfg.get("clusters_per_graph", False), link_loss=cfg.get("link_loss", "frobenius"),
     )
 
 
@@ -414,6 +415,9 @@ def run(args) -> int:
     if args.backend == "triton" and device.type != "cuda" and not triton_interpreting():
         raise UsageError("--backend triton needs --device cuda (Triton kernels run on CUDA tensors); use --backend torch or auto on CPU")
     device = dist.device(device)  # a rank's own GPU under torchrun
+    if getattr(args, "link_loss", "frobenius") == "bce" and args.level0 == "sparse":
+        raise UsageError("--link-loss bce needs every node pair: it has no edge-list form; use --level0 dense or auto "
+                         "(auto is dense with bce)")
     if dist.active and args.level0 == "sparse":
         raise UsageError("--level0 sparse is not available with --nproc-per-node yet (the ranks' loaders are dense); "
                          "use --level0 dense or auto (auto is dense there)")
@@ -469,7 +473,8 @@ def run(args) -> int:
         last = len(splits) if getattr(args, "only_fold", None) is None else args.only_fold + 1
         train_epoch, evaluate = (dist.train_epoch, dist.evaluate) if dist.active else (_train_epoch, _evaluate)
         # --level0: dense or sparse (edge-list) batches, the same graphs in each (sparse_data.Level0Loader)
-        load = dist.loader if dist.active else functools.partial(Level0Loader, level0=args.level0, device=device)
+        level0 = "dense" if getattr(args, "link_loss", "frobenius") == "bce" else args.level0
+        load = dist.loader if dist.active else functools.partial(Level0Loader, level0=level0, device=device)
         for fold in range(state["fold"], last):
             tr, va, te = splits[fold]
             train_loader = load(ds, tr, batch_size=args.batch_size, shuffle=True, bucket=args.bucket, seed=_seed_for(args.seed, fold, -2))

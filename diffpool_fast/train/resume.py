@@ -35,6 +35,9 @@ KEPT_RUNTIME = ("threads", "data_root", "cache_dir")
 #: how a flag whose dest is not its name is spelled on the command line
 _FLAG_NAMES = {"bucket": "--no-bucket", "jk": "--no-jk"}
 
+#: options newer than some checkpoints, with the value that reproduces what such a run computed
+ADDED_OPTIONS = {"clusters_per_graph": False, "link_loss": "frobenius"}
+
 #: top-level entries of a checkpoint and their types
 _FIELDS = {
     "version": int, "package_version": str, "config": dict, "dataset": dict, "runtime": dict,
@@ -74,6 +77,8 @@ def merge_options(args, saved: dict, config_keys: Iterable[str], given: Optional
     (None: every option counts as given, for callers that build the whole namespace); any of
     them that differs from the saved value is refused, all differences in one message."""
     keys = set(config_keys)
+    # options added after a run started compute what the run computed at these values
+    saved = {**{k: v for k, v in ADDED_OPTIONS.items() if k in keys}, **saved}
     unknown, lacking = sorted(set(saved) - keys), sorted(keys - set(saved))
     if unknown or lacking:
         raise CheckpointError(f"--resume: the checkpoint in {out} does not hold this version's options "
