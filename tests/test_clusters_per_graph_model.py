@@ -117,3 +117,8 @@ def test_gradients_reach_every_parameter_and_are_finite():
     (torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 1])) + aux).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_bce_only_at_level_0():
+    m = _model("bce")
+    assert [lv.link_loss for lv in m.levels] == ["bce", "frobenius"]

@@ -258,3 +258,15 @@ def test_torchscript_takes_num_clusters_and_bce():
     b = dense_diff_pool(x, adj, s, mask, num_clusters=k, link_loss="bce")
     for u, v in zip(got, (a[0], a[2], b[2], b[3])):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+
+def test_bce_refuses_targets_outside_0_1():
+    x, s = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+    adj = torch.rand(2, 5, 5)
+    adj[1, 2, 3] = 2.5
+    with pytest.raises(ValueError, match=r"entries in \[0, 1\].*, 2.5\]"):
+        dense_diff_pool(x, adj, s, link_loss="bce")
+    adj[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"entries in \[0, 1\]"):
+        dense_diff_pool(x, adj, s, link_loss="bce")
+    dense_diff_pool(x, adj.nan_to_num(0.0) > 0.5, s, link_loss="bce")  # bool: a 0/1 graph

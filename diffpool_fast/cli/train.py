@@ -152,8 +152,9 @@ def register(sub) -> None:
     _opt(m, "--ent-weight", type=_nonneg_float, default=1.0, help="weight of the assignment-entropy loss (default: %(default)s)")
     _opt(m, "--link-norm", choices=("graph", "numel", "none"), default="graph", help="link-loss scaling (dense_diff_pool's normalize) (default: %(default)s)")
     _opt(m, "--link-loss", choices=("frobenius", "bce"), default="frobenius",
-         help="link loss: ||A - S S^T||_F (PyG's), or the DiffPool authors' binary cross-entropy of min(S S^T, 1) "
-              "against A over real node pairs (dense level 0 only: --level0 auto then stays dense) (default: %(default)s)")
+         help="link loss: ||A - S S^T||_F (PyG's), or at level 0 the DiffPool authors' binary cross-entropy of "
+              "min(S S^T, 1) against the input graph over real node pairs (levels >= 1 keep frobenius: their coarsened "
+              "graphs are weighted; level 0 stays dense) (default: %(default)s)")
     _flag(m, "--clusters-per-graph", dest="clusters_per_graph", value=True,
           help="each graph its own clusters per level, ceil(ratio * its nodes), at most the level's count; a batch is "
                "as wide as its largest graph needs, levels >= 1 masked (default: off, the paper's fixed count)")

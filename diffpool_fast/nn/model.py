@@ -429,8 +429,11 @@ class DiffPoolClassifier(nn.Module):
             at that level), at least 1 and at most the level's C (so with explicit ``clusters``
             they cap k_b, and ``ratio`` still sets it); a batch's level is as wide as its largest
             k_b, and levels >= 1 run with the cluster mask (masked batch norm and readout).
-        link_loss: ``"frobenius"`` (default) or ``"bce"`` (the DiffPool authors' binary
-            cross-entropy of min(S S^T, 1) against A, ``dense_diff_pool``'s ``link_loss``). With
+        link_loss: ``"frobenius"`` (default) or ``"bce"``: level 0 then uses the DiffPool
+            authors' binary cross-entropy of min(S S^T, 1) against the input adjacency
+            (``dense_diff_pool``'s ``link_loss``; its entries must lie in [0, 1]), and levels >= 1
+            keep the Frobenius loss, since a coarsened S^T A S is a weighted graph, which is no
+            cross-entropy target (the authors' code has the loss at its one pooling level). With
             ``"bce"`` the edge-list form below is refused (the loss needs every node pair).
 
     ``forward(x, adj, mask=None)`` returns ``(logits [B, num_classes], aux)`` with
@@ -505,11 +508,11 @@ class DiffPoolClassifier(nn.Module):
         kw = dict(hidden=hidden, gnn=gnn, layers=layers, jk=jk, batch_norm=batch_norm)
         self.levels = nn.ModuleList()
         width = in_channels
-        for c in self.clusters:
+        for i, c in enumerate(self.clusters):
             # S^T A S of a symmetric A is symmetric (up to rounding), so the promise carries
-            # down the levels.
-            level = DiffPool(width, c, link_norm=link_norm, backend=backend,
-                             adj_symmetric=adj_symmetric, link_loss=link_loss, **kw)
+            # down the levels. BCE needs a 0/1 target: the input graph's, at level 0 only.
+            level = DiffPool(width, c, link_norm=link_norm, backend=backend, adj_symmetric=adj_symmetric,
+                             link_loss=link_loss if i == 0 else "frobenius", **kw)
             self.levels.append(level)
             width = level.out_channels
         self.final = DenseGNN(width, hidden, hidden, layers=layers, gnn=gnn, jk=jk, batch_norm=batch_norm)

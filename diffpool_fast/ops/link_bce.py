@@ -68,6 +68,21 @@ def _block_bce(S_g: Tensor, adj, m_g: Optional[Tensor], g0: int, r0: int, r1: in
     return terms.sum(dim=(1, 2), dtype=torch.float64)
 
 
+def _check_targets(adj) -> None:
+    """A cross-entropy target is a probability: every entry of adj must lie in [0, 1] (a
+    weighted or coarsened adjacency has no BCE link loss; its (1 - A) log(1 - P) term would be
+    unbounded below). One pass over adj, no copy."""
+    vals = adj._val if isinstance(adj, BlockSparseAdj) else adj
+    if vals.dtype == torch.bool or vals.numel() == 0:
+        return
+    lo, hi = torch.aminmax(vals.detach())
+    lo, hi = float(lo), float(hi)
+    if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
+        raise ValueError(f"link_loss='bce' needs adjacency entries in [0, 1] (link probabilities), got values in "
+                         f"[{lo:g}, {hi:g}] in adj of shape {list(adj.shape)}; use link_loss='frobenius' for "
+                         "weighted or coarsened graphs")
+
+
 def bce_link_sums(adj: Union[Tensor, BlockSparseAdj], S: Tensor, mask: Optional[Tensor],
                   chunk_bytes: int = _CHUNK_BYTES) -> Tensor:
     """Per graph, L_b of the module docstring: [B] float64, differentiable in S (and in a
@@ -77,6 +92,7 @@ def bce_link_sums(adj: Union[Tensor, BlockSparseAdj], S: Tensor, mask: Optional[
     masked assignment (float32 or float64); ``mask`` [B, N] bool or None."""
     B, N, C = S.shape
     dt = S.dtype
+    _check_targets(adj)
     if B == 0 or N == 0:
         return torch.zeros(B, dtype=torch.float64, device=S.device) + 0.0 * S.sum()
     sparse = isinstance(adj, BlockSparseAdj)
