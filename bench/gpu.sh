@@ -4,11 +4,11 @@
 #
 #   bash bench/gpu.sh [OUT_DIR]        (default: bench/results/<UTC date>-<GPU name>-gpu, with
 #                                       -2, -3, ... appended if that folder is already in use)
-#   GPU_STEPS="tests bench" bash bench/gpu.sh OUT_DIR   (a subset of: tests bench model precision sparse)
+#   GPU_STEPS="tests bench" bash bench/gpu.sh OUT_DIR   (a subset of: tests bench model precision sparse clusters)
 #
 # The device tool allows 10 minutes per command: with the default (all three steps, at most
 # 300 + 360 + 120 s) run it as two calls if the first one is slow, e.g. GPU_STEPS=tests, then
-# GPU_STEPS="bench model" with the same OUT_DIR, then GPU_STEPS="precision sparse".
+# GPU_STEPS="bench model" with the same OUT_DIR, then GPU_STEPS="precision sparse clusters".
 #
 # Writes into OUT_DIR: env.txt (GPU, driver, versions, command), tests.log, profile.log and the
 # CSV + markdown + plots of `diffpool-fast profile`. Target: under 8 minutes on an H100 (the
@@ -141,6 +141,47 @@ for rep in range(3):
 PY
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench/gpu.sh: sparse step FAILED"; status=1; }
     echo "sparse step took $(( $(date +%s) - start )) s"
+fi
+if [[ " $STEPS " == *" clusters "* ]]; then
+    # Per-graph cluster counts on the Triton path (column mask in the row pass) and the BCE link
+    # loss (chunked torch under checkpoint) on CUDA: agreement with the torch path, time, memory.
+    start=$(date +%s)
+    echo "== num_clusters and link_loss=bce on CUDA =="
+    timeout 240 $PY - <<'PY' 2>&1 | tee "$OUT_DIR/clusters.log"
+import time, torch
+from diffpool_fast import dense_diff_pool
+g = torch.Generator(device="cuda").manual_seed(0)
+B, N, C, F = 64, 512, 128, 128
+x = torch.randn(B, N, F, device="cuda", generator=g, requires_grad=True)
+s = torch.randn(B, N, C, device="cuda", generator=g, requires_grad=True)
+a = (torch.rand(B, N, N, device="cuda", generator=g) < 0.05).float()
+adj = ((a + a.transpose(1, 2)) > 0).float()
+mask = torch.arange(N, device="cuda")[None] < torch.randint(N // 4, N + 1, (B,), device="cuda", generator=g)[:, None]
+k = torch.randint(1, C + 1, (B,), device="cuda", generator=g)
+def run(backend, **kw):
+    outs = dense_diff_pool(x, adj, s, mask, backend=backend, **kw)
+    gx, gs = torch.autograd.grad(sum(o.float().sum() for o in outs), [x, s])
+    return outs, gx, gs
+def timed(backend, **kw):
+    for _ in range(2):
+        run(backend, **kw)
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); t0 = time.perf_counter()
+    for _ in range(5):
+        run(backend, **kw)
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / 5, torch.cuda.max_memory_allocated() / 2**20
+(o1, gx1, gs1), (o2, gx2, gs2) = run("triton", num_clusters=k), run("torch", num_clusters=k)
+err = max(float((p - q).abs().max() / q.abs().max().clamp_min(1e-6)) for p, q in zip(list(o1) + [gx1, gs1], list(o2) + [gx2, gs2]))
+print(f"num_clusters: triton vs torch, max error relative to the largest entry {err:.2e}")
+assert err < 5e-3
+for name, backend, kw in (("triton, fixed C", "triton", {}), ("triton, num_clusters", "triton", dict(num_clusters=k)),
+                          ("torch, num_clusters", "torch", dict(num_clusters=k)),
+                          ("triton + bce", "triton", dict(link_loss="bce")), ("torch + bce", "torch", dict(link_loss="bce"))):
+    ms, mib = timed(backend, **kw)
+    print(f"B={B} N={N} C={C} F={F} {name}: fwd+bwd {ms:.2f} ms, peak {mib:.0f} MiB")
+PY
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "bench/gpu.sh: clusters step FAILED"; status=1; }
+    echo "clusters step took $(( $(date +%s) - start )) s"
 fi
 echo "results in $OUT_DIR (compare with bench/notes/FLOOR.md)"
 exit $status

@@ -411,3 +411,32 @@ def test_memory_past_the_n_squared_wall():
     assert rec.nbytes <= 8 * max(2 * E, N * (C + F)), (rec.nbytes, rec.op)
     assert x.grad is not None and s.grad is not None and w.grad is not None
     assert bool(torch.isfinite(link)) and link.item() > 0
+
+
+@pytest.mark.parametrize("normalize", [True, "graph"])
+def test_num_clusters_equals_dense_float64(normalize):
+    """Per-graph cluster counts on the edge list: the dense op's values and gradients."""
+    gen = torch.Generator().manual_seed(_seed())
+    for trial in range(3):
+        x, ei, s, batch, w = random_batch(gen, C=7)
+        B = int(batch.max()) + 1 + trial
+        k = torch.randint(1, 8, (B,), generator=gen)
+        k[0] = 1
+        x, s, w = (t.clone().requires_grad_(True) for t in (x, s, w))
+        ours = sparse_diff_pool(x, ei, s, batch, w, normalize, num_graphs=B, per_graph=True, num_clusters=k)
+        xd, adj, sd, mask = dense_form(x.detach(), ei, s.detach(), batch, w.detach(), B)
+        xd, adj, sd = (t.clone().requires_grad_(True) for t in (xd, adj, sd))
+        ref = dense_diff_pool(xd, adj, sd, mask, normalize, per_graph=True, backend="torch", num_clusters=k)
+        for name, a, b in zip(("out", "out_adj", "link", "ent"), ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+        real = torch.arange(7)[None, :] < k[:, None]
+        assert (ours[0].detach()[~real] == 0).all()
+        cot = _weights(ours, gen)
+        gx, gs, gw = torch.autograd.grad(_objective(ours, cot), (x, s, w))
+        gxd, gsd, gadj = torch.autograd.grad(_objective(ref, cot), (xd, sd, adj))
+        torch.testing.assert_close(gx, gxd[mask], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(gs, gsd[mask], rtol=1e-9, atol=1e-11)
+        assert (gs[~real[batch]] == 0).all()
+        torch.testing.assert_close(gw, _edge_grad(gadj, ei, batch), rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="num_clusters"):
+        sparse_diff_pool(x, ei, s, batch, w, num_graphs=B, num_clusters=torch.zeros(B, dtype=torch.long))
