@@ -270,3 +270,16 @@ def test_bce_refuses_targets_outside_0_1():
     with pytest.raises(ValueError, match=r"entries in \[0, 1\]"):
         dense_diff_pool(x, adj, s, link_loss="bce")
     dense_diff_pool(x, adj.nan_to_num(0.0) > 0.5, s, link_loss="bce")  # bool: a 0/1 graph
+
+
+@pytest.mark.parametrize("link_loss", ["frobenius", "bce"])
+def test_double_backward_torch_path(link_loss):
+    g = fresh_generator()
+    x, adj, s, mask, k = _inputs(2, 6, 4, 3, g)
+    x, s = x.requires_grad_(), s.requires_grad_()
+
+    def f(x, s):
+        out, out_adj, link, ent = dense_diff_pool(x, adj, s, mask, num_clusters=k, link_loss=link_loss)
+        return (out**2).sum() + out_adj.sum() + link + ent
+
+    assert torch.autograd.gradgradcheck(f, (x, s), eps=1e-6, atol=1e-5, rtol=1e-4)
