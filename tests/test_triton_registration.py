@@ -131,3 +131,29 @@ def test_opcheck_with_precision_argument_and_flags(precision):
     assert outs[8].tolist() == [1, 0], outs[8]
     torch.library.opcheck(torch.ops.diffpool_fast.coarsen.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_opcheck_and_compile_with_num_clusters():
+    """The op with its num_clusters argument: opcheck, and torch.compile(fullgraph=True) of
+    dense_diff_pool(num_clusters=...) equals eager (the range check is an in-graph assertion)."""
+    g = fresh_generator()
+    x, adj, s, mask = make_inputs(3, 19, 7, 5, f32, f32, "pad", "sym", g)
+    k = torch.tensor([1, 7, 4], dtype=torch.int32, device=DEVICE)
+    x.requires_grad_()
+    s.requires_grad_()
+    torch.library.opcheck(torch.ops.diffpool_fast.coarsen.default, (x, adj, s, mask, True, -1, "tf32x3", k),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+    def step(x, adj, s, mask, k):
+        out, out_adj, link, ent = dense_diff_pool(x, adj, s, mask, backend="triton", num_clusters=k)
+        return out.square().sum() + out_adj.sum() + link + ent
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    xe, se = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    xc, sc = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+    le, lc = step(xe, adj, se, mask, k), compiled(xc, adj, sc, mask, k)
+    le.backward()
+    lc.backward()
+    assert_close_scaled(lc, le, 1e-6, "loss")
+    assert_close_scaled(sc.grad, se.grad, 1e-6, "grad s")
+    assert (sc.grad[0, :, 1:] == 0).all()
