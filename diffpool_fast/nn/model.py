@@ -196,7 +196,8 @@ class DiffPoolOutput(NamedTuple):
     embedding: Tensor  # Z [B, N, F], before pooling
     assignment: Tensor  # assignment logits [B, N, C] (softmax is applied inside the pooling)
     #: with clusters per graph: [B, K] bool, the real clusters (the next level's node mask; x and
-    #: adj are then [B, K, F] and [B, K, K], K = max_b k_b); None with a fixed number of clusters
+    #: adj are then [B, K, F] and [B, K, K], K = max_b k_b); None with a fixed number of clusters,
+    #: or when every cluster of the batch is real
     mask: Optional[Tensor] = None
 
 
@@ -285,6 +286,8 @@ class DiffPool(nn.Module):
             next_mask = cluster_mask(num_clusters, K)
             if mask is not None:
                 next_mask = next_mask & mask.reshape(num_clusters.shape[0], -1).any(dim=1, keepdim=True)
+            if bool(next_mask.all()):
+                next_mask = None  # every cluster real (one k_b for the whole batch): the unmasked path
         if self.link_norm == "graph":
             # Per-graph losses averaged over the graphs that have nodes: unlike the batch-wide
             # entropy (divided by B*N, padding included), this does not change with how far a
@@ -324,6 +327,8 @@ class DiffPool(nn.Module):
             s = s[:, :K]
             has_nodes = torch.bincount(batch, minlength=num_graphs) > 0
             next_mask = cluster_mask(num_clusters, K) & has_nodes[:, None]
+            if bool(next_mask.all()):
+                next_mask = None
         # The edge pass has no Triton kernel: level 0 runs the torch one under backend="triton".
         backend = "torch" if self.backend == "triton" else self.backend
         if self.link_norm == "graph":
