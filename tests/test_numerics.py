@@ -299,3 +299,64 @@ def test_float64_fifteen_ones():
     link = dense_diff_pool(x, adj, s, None, False, backend="torch")[2]
     want = dense_diff_pool_reference(x, adj.double(), s, None, False)[2]
     torch.testing.assert_close(link, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("case", ["symmetric", "one_entry_off", "nan", "bool", "strided"])
+def test_torch_path_symmetry_check_is_exact(case, monkeypatch):
+    """With adj_symmetric=None and C >= SYM_CHECK_MIN_C the torch path checks symmetry itself and
+    skips A^T S only when every graph is symmetric: gradients equal PyG's in float64 either way."""
+    from torch_geometric.nn import dense_diff_pool as pyg_pool
+
+    from diffpool_fast.ops import coarsen_torch as ct
+
+    g = torch.Generator().manual_seed(11)
+    B, N, C, F = 3, 150, ct.SYM_CHECK_MIN_C + 3, 5
+    a = torch.rand(B, N, N, generator=g, dtype=torch.float64) * (torch.rand(B, N, N, generator=g) < 0.1)
+    adj = a + a.transpose(1, 2)
+    want = True
+    if case == "one_entry_off":
+        adj[2, 140, 3] += 0.5
+        want = False
+    elif case == "nan":
+        adj[1, 7, 7] = float("nan")
+        want = False
+    elif case == "bool":
+        adj = adj > 0
+    elif case == "strided":
+        adj = adj.transpose(1, 2)  # a symmetric view with other strides
+    seen = []
+    real = ct.all_symmetric
+    monkeypatch.setattr(ct, "all_symmetric", lambda A: seen.append(real(A)) or seen[-1])
+    x = torch.randn(B, N, F, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(B, N, C, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = dense_diff_pool(x, adj, s, backend="torch")
+    assert seen == [want]
+    if case == "nan":
+        assert torch.isnan(ours[2])
+        return
+    ref = pyg_pool(x, adj.double() if adj.dtype == torch.bool else adj, s)
+    w = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in ref]
+    g1 = torch.autograd.grad(sum((o * c).sum() for o, c in zip(ours, w)), [x, s])
+    g2 = torch.autograd.grad(sum((o * c).sum() for o, c in zip(ref, w)), [x, s])
+    for u, v in zip(g1, g2):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-12)
+
+
+def test_torch_path_symmetry_check_only_where_it_pays(monkeypatch):
+    from diffpool_fast.ops import coarsen_torch as ct
+
+    calls = []
+    monkeypatch.setattr(ct, "all_symmetric", lambda A: calls.append(A.shape) or True)
+    adj = torch.ones(2, 6, 6)
+    for C, grad, sym in ((ct.SYM_CHECK_MIN_C - 1, True, None), (ct.SYM_CHECK_MIN_C, False, None),
+                         (ct.SYM_CHECK_MIN_C, True, False), (ct.SYM_CHECK_MIN_C, True, True)):
+        s = torch.randn(2, 6, C, requires_grad=grad)
+        dense_diff_pool(torch.randn(2, 6, 3), adj, s, backend="torch", adj_symmetric=sym)
+    assert calls == []
+    dense_diff_pool(torch.randn(2, 6, 3), adj, torch.randn(2, 6, ct.SYM_CHECK_MIN_C, requires_grad=True),
+                    backend="torch")
+    assert calls == [(2, 6, 6)]
+    big = torch.ones(1, ct.SYM_CHECK_MAX_N + 1, ct.SYM_CHECK_MAX_N + 1)
+    dense_diff_pool(torch.randn(1, big.shape[1], 2), big, torch.randn(1, big.shape[1], 64, requires_grad=True),
+                    backend="torch")
+    assert len(calls) == 1

@@ -326,7 +326,46 @@ def coarsen_torch(
     too (``create_graph=True``).
 
     ``adj_symmetric=True`` is the caller's promise that every A_b equals its transpose: the
-    backward then uses A^T S = A S and makes no pass over A. None (unknown) or False makes the
-    one A^T product; on the CPU an exact symmetry check costs more than that product.
+    backward then uses A^T S = A S and makes no pass over A. False makes the one A^T product.
+    None (unknown): on the CPU, when a gradient into s is coming, C >= ``SYM_CHECK_MIN_C`` and
+    N <= ``SYM_CHECK_MAX_N``, the batch is checked exactly (:func:`all_symmetric`, one read of A)
+    and the A^T product is skipped if every graph is symmetric; elsewhere the product is about as
+    cheap as the check, and it is made.
     """
-    return CoarsenTorchFunction.apply(x, adj, s, mask, bool(adj_symmetric))
+    symmetric = bool(adj_symmetric)
+    if (adj_symmetric is None and isinstance(adj, Tensor) and adj.device.type == "cpu"
+            and s.shape[-1] >= SYM_CHECK_MIN_C and adj.shape[-1] <= SYM_CHECK_MAX_N
+            and torch.is_grad_enabled() and s.requires_grad and not torch.compiler.is_compiling()):
+        symmetric = all_symmetric(adj)
+    return CoarsenTorchFunction.apply(x, adj, s, mask, symmetric)
+
+
+#: Where ``coarsen_torch`` checks symmetry itself (CPU). The check reads A once with its column
+#: slabs transposed, N^2 compares per graph; the A^T S product it can spare costs 2 N^2 C FLOPs.
+#: The check's rate falls once a graph's adjacency leaves the cache (N > 512 in float32 on this
+#: project's machine), the product's does not: measured in bench/notes/sym_check.md.
+SYM_CHECK_MIN_C = 48
+SYM_CHECK_MAX_N = 512
+
+#: rows of A compared at once by :func:`all_symmetric` (a [B, rows, N] bool temporary at most
+#: CONVERT_CHUNK_BYTES)
+_SYM_ROWS = 128
+
+
+def all_symmetric(adj: Tensor) -> bool:
+    """Whether every A_b of adj [B, N, N] equals its transpose, exactly (NaN is never equal).
+
+    Row slabs A[:, i:i+r, :] are compared with the transposed column slabs A[:, :, i:i+r]^T,
+    which reads A in cache-sized pieces; graphs are taken a group at a time so the boolean
+    temporary stays within CONVERT_CHUNK_BYTES. Stops at the first slab that differs.
+    """
+    B, N, _ = adj.shape
+    rows = max(1, min(N, _SYM_ROWS))
+    graphs = max(1, CONVERT_CHUNK_BYTES // max(1, rows * N))
+    for b0 in range(0, B, graphs):
+        a = adj[b0:b0 + graphs]
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            if not torch.equal(a[:, r0:r1, :], a[:, :, r0:r1].transpose(1, 2)):
+                return False
+    return True
