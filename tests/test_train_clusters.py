@@ -29,7 +29,7 @@ def test_per_graph_bce_run_resumes_exactly(tmp_path, capsys):
 def test_options_change_what_is_trained(tmp_path):
     base = SMALL + ["--threads", "1", "--epochs", "1", "--folds", "2"]
     runs = {}
-    for name, extra in (("fixed", []), ("pergraph", ["--clusters-per-graph"]), ("bce", ["--link-loss", "bce"])):
+    for name, extra in (("fixed", ["--fixed-clusters"]), ("pergraph", []), ("bce", ["--fixed-clusters", "--link-loss", "bce"])):
         assert cli.main(base + extra + ["--out", str(tmp_path / name)]) == 0
         runs[name] = _rows(tmp_path / name)
     assert runs["fixed"] != runs["pergraph"] and runs["fixed"] != runs["bce"]
@@ -55,3 +55,13 @@ def test_resume_of_a_checkpoint_without_the_new_options(tmp_path):
     save_checkpoint(path, state)
     assert cli.main(["train", "--resume", "--out", str(out), "--progress", "off"]) == 0
     assert json.loads((out / "results.json").read_text())["config"]["clusters_per_graph"] is False
+
+
+def test_per_graph_clusters_are_the_default_and_fixed_is_a_flag(tmp_path):
+    """The declared study (bench/accuracy/clusters/RESULTS.md) made per-graph clusters the default."""
+    base = SMALL + ["--threads", "1", "--epochs", "1", "--folds", "2"]
+    for name, extra, want in (("default", [], True), ("explicit", ["--clusters-per-graph"], True),
+                              ("fixed", ["--fixed-clusters"], False)):
+        assert cli.main(base + extra + ["--out", str(tmp_path / name)]) == 0
+        assert json.loads((tmp_path / name / "results.json").read_text())["config"]["clusters_per_graph"] is want
+    assert _rows(tmp_path / "default") == _rows(tmp_path / "explicit")

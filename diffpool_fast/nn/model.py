@@ -434,6 +434,8 @@ class DiffPoolClassifier(nn.Module):
             at that level), at least 1 and at most the level's C (so with explicit ``clusters``
             they cap k_b, and ``ratio`` still sets it); a batch's level is as wide as its largest
             k_b, and levels >= 1 run with the cluster mask (masked batch norm and readout).
+            ``diffpool-fast train`` defaults to True (``--fixed-clusters`` for False), as its
+            declared accuracy study decided (bench/accuracy/clusters/RESULTS.md).
         link_loss: ``"frobenius"`` (default) or ``"bce"``: level 0 then uses the DiffPool
             authors' binary cross-entropy of min(S S^T, 1) against the input adjacency
             (``dense_diff_pool``'s ``link_loss``; its entries must lie in [0, 1]), and levels >= 1

@@ -33,7 +33,7 @@ RUNTIME_ONLY = frozenset({"out", "resume", "stop_after", "progress", "func", "co
 KEPT_RUNTIME = ("threads", "data_root", "cache_dir")
 
 #: how a flag whose dest is not its name is spelled on the command line
-_FLAG_NAMES = {"bucket": "--no-bucket", "jk": "--no-jk"}
+_FLAG_NAMES = {"bucket": "--no-bucket", "jk": "--no-jk", "clusters_per_graph": "--clusters-per-graph/--fixed-clusters"}
 
 #: options newer than some checkpoints, with the value that reproduces what such a run computed
 ADDED_OPTIONS = {"clusters_per_graph": False, "link_loss": "frobenius"}
