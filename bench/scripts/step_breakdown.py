@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import sys
 import time
@@ -65,7 +64,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from diffpool_fast import __version__
     from diffpool_fast.data import DenseLoader, load_tu
     from diffpool_fast.nn.model import DiffPoolClassifier, _readout
     from diffpool_fast.train.loop import _adam
@@ -165,24 +163,17 @@ def main(argv=None):
         row["level1_width_mean"] = statistics.mean(w[0] for w in widths[name])
         row["level2_width_mean"] = statistics.mean(w[1] for w in widths[name])
         rows.append(row)
-    command = "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv if argv is not None else sys.argv[1:]))
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}"
-    versions = f"torch {torch.__version__}, diffpool_fast {__version__}, python {platform.python_version()}"
-    if args.out:
-        out = Path(args.out)
-    else:
-        sys.path.insert(0, str(HERE))
-        from provenance import results_dir  # bench/scripts/
+    sys.path.insert(0, str(HERE))
+    from provenance import header, results_dir  # bench/scripts/
 
-        out = results_dir("step_breakdown") / "step_breakdown"
+    out = Path(args.out) if args.out else results_dir("step_breakdown") / "step_breakdown"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     lines = ["# Training-step breakdown: fixed vs per-graph clusters (PROTEINS <= 150 nodes, bucketed batches)", "",
-             f"- command: `{command}`", f"- machine: {machine}", f"- versions: {versions}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             *header(__file__, argv), f"- torch threads: {args.threads}", "",
              "Milliseconds per step (batch of 20), mean over the timed batches; each stage replayed alone, forward "
              "and backward (bench/scripts/step_breakdown.py docstring).", "",
              "| model | level 0 | level 1 | level 2 | head | optimizer | sum of stages | whole step | "
