@@ -7,6 +7,7 @@ import sys
 import time
 
 import torch
+from torch.profiler import profile
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from sparse_scale import sbm_batch
@@ -23,8 +24,9 @@ def step():
     o = sparse_diff_pool(x, ei, s, batch)
     (o[0].sum() + o[1].sum() + o[2] + o[3]).backward()
 step()
-t0 = time.perf_counter(); step(); print("step", time.perf_counter() - t0)
-from torch.profiler import profile
+t0 = time.perf_counter()
+step()
+print("step", time.perf_counter() - t0)
 
 with profile() as p:
     step()
