@@ -1,7 +1,7 @@
 """Where sparse_diff_pool's time goes on one SBM-like graph (bench/scripts/sparse_scale.py's generator).
 
 Usage: python bench/scripts/sparse_profile.py N   (1 thread; F=32, C=64, ~10 edges per node)
-Prints one timed forward+backward, then torch.profiler's operator table of another.
+Prints one timed forward+backward, then torch.profiler's operator table of another, by input shape.
 """
 import sys
 import time
@@ -28,6 +28,6 @@ t0 = time.perf_counter()
 step()
 print("step", time.perf_counter() - t0)
 
-with profile() as p:
+with profile(record_shapes=True) as p:
     step()
-print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=22))
+print(p.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30))
