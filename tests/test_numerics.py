@@ -13,26 +13,13 @@ import math
 
 import pytest
 import torch
+from triton_cases import two_cliques
 
 from diffpool_fast import dense_diff_pool
 from diffpool_fast.ops.reference import dense_diff_pool_reference
 
 f32, f64 = torch.float32, torch.float64
 U32 = 2.0 ** -24
-
-
-def two_cliques(scale: float, n: int = 20, dtype=f32, F: int = 3):
-    """Issue 11's case: two n-node cliques (self-loops included), logits = scale * the one-hot of
-    each node's clique. S S^T -> A as the scale grows (scale 12: link 4.9e-4 of terms ~ 3200)."""
-    N = 2 * n
-    adj = torch.zeros(1, N, N)
-    adj[0, :n, :n] = 1
-    adj[0, n:, n:] = 1
-    oh = torch.zeros(1, N, 2)
-    oh[0, :n, 0] = 1
-    oh[0, n:, 1] = 1
-    x = torch.randn(1, N, F, generator=torch.Generator().manual_seed(0))
-    return x.to(dtype), adj.to(dtype), (scale * oh).to(dtype)
 
 
 def link_and_grad(fn, x, adj, s, mask=None, normalize=False, **kw):

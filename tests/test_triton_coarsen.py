@@ -16,6 +16,7 @@ from triton_cases import (
     make_inputs,
     nan_poisoned_allocations,
     tolerance,
+    two_cliques,
 )
 
 from diffpool_fast import dense_diff_pool
@@ -235,18 +236,6 @@ def test_non_finite_inputs_propagate_as_on_torch(poison, value):
         assert not torch.isfinite(link)
 
 
-def _two_cliques(scale, n=20, s_dtype=f32):
-    N = 2 * n
-    adj = torch.zeros(1, N, N)
-    adj[0, :n, :n] = 1
-    adj[0, n:, n:] = 1
-    oh = torch.zeros(1, N, 2)
-    oh[0, :n, 0] = 1
-    oh[0, n:, 1] = 1
-    x = torch.randn(1, N, 3, generator=torch.Generator().manual_seed(0))
-    return x, adj, (scale * oh).to(s_dtype)
-
-
 def _link_grad(fn, x, adj, s, **kw):
     s = s.detach().clone().requires_grad_()
     link = fn(x, adj, s, None, normalize=False, **kw)[2]
@@ -261,7 +250,7 @@ def test_link_loss_accuracy_near_exact_fit(adj_symmetric):
     float64 (or than what the float32 rounding of S alone leaves, when PyG's is smaller by luck).
     Scale 12 (true link 4.9e-4) gave 3.9e-3 and an 88% gradient error before."""
     for scale in (0, 1.5, 2, 4, 6, 6.5, 7, 8, 10, 12, 16, 20):
-        x, adj, s = _two_cliques(scale)
+        x, adj, s = two_cliques(scale)
         want = _link_grad(dense_diff_pool_reference, x.double(), adj.double(), s.double())
         pyg = _link_grad(dense_diff_pool_reference, x, adj, s)
         # what the float32 rounding of S alone leaves (PyG's error sometimes undercuts it by luck)

@@ -1,4 +1,5 @@
-"""Shared helpers of the Triton tests: random inputs, NaN-poisoned allocations, tolerances.
+"""Shared helpers of the Triton tests: random inputs, NaN-poisoned allocations, tolerances, the
+two-clique near-fit case (also used by test_numerics.py).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), where ``tl.dot`` is a NumPy
 fp32 matmul; on CUDA the adjacency products use tf32 (kernels/adjacency.py), so the tolerances
@@ -109,3 +110,17 @@ def assert_close_scaled(got, want, tol, name, scale=None):
     scale = max(float(scale), 1e-6)
     err = (got - want).abs().max().item() if want.numel() else 0.0
     assert err <= tol * scale, f"{name}: max error {err:.3e} > {tol:.1e} x scale {scale:.3e}"
+
+
+def two_cliques(scale: float, n: int = 20, dtype=torch.float32, F: int = 3):
+    """Issue 11's case: two n-node cliques (self-loops included), logits = scale * the one-hot of
+    each node's clique. S S^T -> A as the scale grows (scale 12: link 4.9e-4 of terms ~ 3200)."""
+    N = 2 * n
+    adj = torch.zeros(1, N, N)
+    adj[0, :n, :n] = 1
+    adj[0, n:, n:] = 1
+    oh = torch.zeros(1, N, 2)
+    oh[0, :n, 0] = 1
+    oh[0, n:, 1] = 1
+    x = torch.randn(1, N, F, generator=torch.Generator().manual_seed(0))
+    return x.to(dtype), adj.to(dtype), (scale * oh).to(dtype)
