@@ -6,7 +6,6 @@ uninterrupted one does (metrics.csv without its timing columns, every fold's res
 model), and a checkpoint that is not what the run wrote must be refused with one line, exit 2,
 and no results.json.
 """
-import csv
 import errno
 import json
 import os
@@ -18,27 +17,18 @@ import time
 from pathlib import Path
 
 import torch
+from test_train import _last_model, _rows
 
 from diffpool_fast import cli
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["train", "--synthetic-graphs", "30", "--epochs", "4", "--folds", "2", "--hidden", "16",
        "--threads", "1", "--progress", "off", "--seed", "7"]
-TIMING = {"train_seconds", "epoch_seconds"}
-
-
-def _rows(out):
-    with open(out / "metrics.csv") as f:
-        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(f)]
 
 
 def _folds(out):
     res = json.loads((out / "results.json").read_text())
     return [{k: v for k, v in f.items() if "seconds" not in k} for f in res["folds"]]
-
-
-def _last_model(out):
-    return torch.load(out / "checkpoint.pt", weights_only=False)["last_model"]
 
 
 def _start(args, cwd):
