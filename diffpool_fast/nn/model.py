@@ -58,6 +58,21 @@ def graph_clusters(nodes: Tensor, ratio: float, max_clusters: int) -> Tensor:
     return k.clamp(1, int(max_clusters))
 
 
+def _cut_to_clusters(s: Tensor, num_clusters: Optional[Tensor],
+                     has_nodes: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """Logits s [..., C] cut to K = max k_b columns, and the next level's [B, K] node mask (the
+    real clusters; none for a graph without real nodes, ``has_nodes`` [B] or None = all have).
+    The mask is None when every cluster is real (one k_b for the whole batch): the unmasked path.
+    Without ``num_clusters``: s unchanged and no mask."""
+    if num_clusters is None:
+        return s, None
+    K = int(num_clusters.max()) if num_clusters.numel() else 1
+    mask = cluster_mask(num_clusters, K)
+    if has_nodes is not None:
+        mask = mask & has_nodes[:, None]
+    return s[..., :K], None if bool(mask.all()) else mask
+
+
 def _real_nodes(x: Tensor, mask: Optional[Tensor]) -> int:
     """Real nodes of a [B, N, F] batch: B * N without a mask."""
     return x.shape[0] * x.shape[1] if mask is None else int(mask.sum())
@@ -279,15 +294,8 @@ class DiffPool(nn.Module):
     def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None,
                 num_clusters: Optional[Tensor] = None) -> DiffPoolOutput:
         s, z = self._gnns(x, adj, mask)
-        next_mask = None
-        if num_clusters is not None:
-            K = int(num_clusters.max()) if num_clusters.numel() else 1
-            s = s[..., :K]
-            next_mask = cluster_mask(num_clusters, K)
-            if mask is not None:
-                next_mask = next_mask & mask.reshape(num_clusters.shape[0], -1).any(dim=1, keepdim=True)
-            if bool(next_mask.all()):
-                next_mask = None  # every cluster real (one k_b for the whole batch): the unmasked path
+        has_nodes = None if mask is None or num_clusters is None else mask.reshape(num_clusters.shape[0], -1).any(dim=1)
+        s, next_mask = _cut_to_clusters(s, num_clusters, has_nodes)
         if self.link_norm == "graph":
             # Per-graph losses averaged over the graphs that have nodes: unlike the batch-wide
             # entropy (divided by B*N, padding included), this does not change with how far a
@@ -321,14 +329,8 @@ class DiffPool(nn.Module):
         check_edges(x, edge_index, edge_weight)
         s = self.assign.forward_edges(x, edge_index, edge_weight, check=False)
         z = self.embed.forward_edges(x, edge_index, edge_weight, check=False)
-        next_mask = None
-        if num_clusters is not None:
-            K = int(num_clusters.max()) if num_clusters.numel() else 1
-            s = s[:, :K]
-            has_nodes = torch.bincount(batch, minlength=num_graphs) > 0
-            next_mask = cluster_mask(num_clusters, K) & has_nodes[:, None]
-            if bool(next_mask.all()):
-                next_mask = None
+        has_nodes = None if num_clusters is None else torch.bincount(batch, minlength=num_graphs) > 0
+        s, next_mask = _cut_to_clusters(s, num_clusters, has_nodes)
         # The edge pass has no Triton kernel: level 0 runs the torch one under backend="triton".
         backend = "torch" if self.backend == "triton" else self.backend
         if self.link_norm == "graph":
