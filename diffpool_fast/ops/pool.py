@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..config import CONVERT_CHUNK_BYTES
 from .block_sparse import BlockSparseAdj
+from .coarsen_torch import compute_dtype
 from .dispatch import check_backend, coarsen
 from .inputs import check_num_clusters, check_pool_inputs, mask_logits, node_counts
 from .link_bce import bce_link_sums
@@ -177,7 +178,7 @@ def pool_with_adj_op(
     n = node_counts(inp.mask, B, N, link_sq.device)
     result_dtype = torch.promote_types(inp.x.dtype, inp.s.dtype)
     if link_loss == "bce":
-        S = assignment(inp.s, inp.mask, k)
+        S = assignment(inp.s, inp.mask, k, compute_dtype(inp.x, inp.s))
         bce = bce_link_sums(inp.adj if adj_op is None else adj_op, S, inp.mask)
         link = finish_bce(bce, n, mode, per_graph)
         _, ent = finish_losses(link_sq, ent_sum, n, N, mode, per_graph)
@@ -197,10 +198,10 @@ def pool_with_adj_op(
     )
 
 
-def assignment(s: Tensor, mask: Optional[Tensor], num_clusters: Optional[Tensor]) -> Tensor:
-    """S = m * softmax(s) over each graph's first k_b columns, in the compute dtype (float32 for
-    half inputs), with plain autograd: [B, N, C] (what the backends compute inside their ops)."""
-    dt = s.dtype if s.dtype in (torch.float32, torch.float64) else torch.float32
+def assignment(s: Tensor, mask: Optional[Tensor], num_clusters: Optional[Tensor], dt: torch.dtype) -> Tensor:
+    """S = m * softmax(s) over each graph's first k_b columns, in ``dt`` (the step's compute dtype,
+    ``coarsen_torch.compute_dtype``), with plain autograd: [B, N, C] (what the backends compute
+    inside their ops)."""
     S = torch.softmax(mask_logits(s, num_clusters).to(dt), dim=-1)
     if mask is not None:
         S = S * mask.unsqueeze(-1).to(dt)
