@@ -184,6 +184,78 @@ def test_no_edges_at_all():
             torch.testing.assert_close(u, r, rtol=1e-9, atol=1e-11)
 
 
+# graph sizes that make every kind of size bucket: a lone graph ("slice": 1, 3, 17, 40), equal
+# sizes one after the other ("view": the three 5s) and mixed sizes gathered with padding ("pad":
+# 9 and 12)
+BUCKET_SIZES = [5, 5, 5, 3, 9, 17, 12, 1, 40]
+
+
+def test_bucket_kinds_near_converged_float64():
+    """Every bucket kind, with S near one-hot on most rows (the hard-cluster split of the link
+    loss is active) and spread out on the rest: float64 equality with the dense op, outputs and
+    the gradients of x, s and edge_weight."""
+    gen = torch.Generator().manual_seed(_seed())
+    x, ei, _, batch, w = random_batch(gen, sizes=BUCKET_SIZES, C=6, F=3)
+    N, C = x.shape[0], 6
+    hard = torch.randint(0, C, (N,), generator=gen)
+    s = 9.0 * torch.nn.functional.one_hot(hard, C).to(F64) + 0.3 * torch.randn(N, C, generator=gen, dtype=F64)
+    s[torch.rand(N, generator=gen) < 0.25] *= 0.05  # about a quarter of the rows spread out
+    B = len(BUCKET_SIZES)
+    for per_graph in (False, True):
+        xs, ss, ws = (t.clone().requires_grad_(True) for t in (x, s, w))
+        ours = sparse_diff_pool(xs, ei, ss, batch, ws, per_graph=per_graph)
+        xd, adj, sd, mask = dense_form(x, ei, s, batch, w, B)
+        xd, adj, sd = (t.clone().requires_grad_(True) for t in (xd, adj, sd))
+        ref = dense_diff_pool(xd, adj, sd, mask, per_graph=per_graph, backend="torch")
+        for name, a, b in zip(("out", "out_adj", "link", "ent"), ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+        cot = _weights(ours, gen)
+        gx, gs, gw = torch.autograd.grad(_objective(ours, cot), (xs, ss, ws))
+        gxd, gsd, gadj = torch.autograd.grad(_objective(ref, cot), (xd, sd, adj))
+        torch.testing.assert_close(gx, gxd[mask], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(gs, gsd[mask], rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(gw, _edge_grad(gadj, ei, batch), rtol=1e-9, atol=1e-11)
+
+
+def test_gram_in_chunks_every_bucket_kind():
+    """The float64 Gram D_b^T D_b and the per-slot row sums, converted a few rows at a time (7,
+    so every graph of 8+ nodes spans several chunks), against float64 sums; and their
+    gradient against autograd of the float64 formula."""
+    from diffpool_fast.ops.sparse_pool import _Gram64, _GraphBlocks
+
+    gen = torch.Generator().manual_seed(_seed())
+    counts = torch.tensor(BUCKET_SIZES)
+    N, B, C, slots = int(counts.sum()), len(BUCKET_SIZES), 5, 11
+    batch = torch.repeat_interleave(torch.arange(B), counts)
+    D = torch.randn(N, C, generator=gen, requires_grad=True)
+    slot = torch.randint(0, slots, (N,), generator=gen)
+    G, K = _Gram64.apply(D, _GraphBlocks(counts, B, N), slot, slots, 7)
+    D64 = D.detach().double().requires_grad_(True)
+    G_ref = torch.stack([D64[batch == b].t() @ D64[batch == b] for b in range(B)])
+    K_ref = D64.new_zeros(slots, C).index_add(0, slot, D64)
+    assert G.dtype == K.dtype == F64
+    torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(K, K_ref, rtol=1e-12, atol=1e-12)
+    wG, wK = torch.randn(G.shape, generator=gen, dtype=F64), torch.randn(K.shape, generator=gen, dtype=F64)
+    (g,) = torch.autograd.grad((G * wG).sum() + (K * wK).sum(), D)
+    (g_ref,) = torch.autograd.grad((G_ref * wG).sum() + (K_ref * wK).sum(), D64)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_refuses():
+    """The hand-written backward passes are not differentiable: a second derivative must be an
+    error, never a wrong value."""
+    gen = torch.Generator().manual_seed(_seed())
+    x, ei, s, batch, w = random_batch(gen, sizes=[4, 6])
+    x, s, w = (t.clone().requires_grad_(True) for t in (x, s, w))
+    for wrt in ((x,), (s,), (w,), (x, s, w)):
+        out, out_adj, link, ent = sparse_diff_pool(x, ei, s, batch, w)
+        with pytest.raises(RuntimeError, match="no double backward"):
+            torch.autograd.grad(out.sum() + out_adj.sum() + link + ent, wrt, create_graph=True)
+    out, out_adj, link, ent = sparse_diff_pool(x, ei, s, batch, w)  # first order still works
+    assert all(g is not None for g in torch.autograd.grad(out.sum() + link + ent, (x, s, w)))
+
+
 @pytest.mark.parametrize("normalize", [True, "graph"])
 def test_gradcheck(normalize):
     gen = torch.Generator().manual_seed(_seed())

@@ -40,16 +40,23 @@ With S = softmax(s) (row-wise) and graph b's nodes the contiguous slice [ptr_b, 
   sum_all T^2 = 2 sum_k m_k G_kk + 2 tr(K^2) + 4 tr(K G) + ||G||^2 with G = D^T D.
   H_i is 0 for a row with no entry above 1/2 (the identity holds for any such H), so |D| <= 1/2.
   Near convergence (S ~ one-hot) R carries the O(1) part exactly and T, D, K, G are small, so
-  no large terms cancel; for a spread-out S nothing is large either. Per-edge terms are in the
-  compute dtype; K and G accumulate in float64 (32k rows converted at a time, no float64 copy
+  no large terms cancel; for a spread-out S nothing is large either. On the edges the sum is
+  taken as one term per edge, ((A - R) - T)^2 - T^2 - 2 R <D_i, D_j> (the edges' share of the
+  three "all pairs minus E'" sums), written q (q - 2 T) with q = A - R so that the two squares
+  do not cancel on same-cluster edges. Per-edge terms are in the compute dtype; K and G
+  accumulate in float64 (32k rows converted at a time into one reused buffer, no float64 copy
   of D kept), and so does every per-graph sum. The part of sum R T linear in D, which cancels
   between "all pairs" and E' when every same-cluster pair is an edge, is summed in float64 from
-  the per-node argmax entries, and its gradient cancels in float64 too. Clamped at 0.
+  the per-node argmax entries (each times its exact count of same-cluster edges), and its
+  gradient cancels in float64 too. Clamped at 0.
 * **Softmax** has a hand-written backward that subtracts the argmax entry's gradient first:
   mathematically the same, but it keeps the gradient of a saturated row (S ~ one-hot) instead of
   rounding it to 0 as P * (g - <P, g>) does in float32.
 * **Entropy** -sum S log(S + EPS) per row, per-graph sums in float64, averaged over B * N_max
   rows as the dense op does (padded rows count 0).
+
+Every backward here is first order: ``create_graph=True`` raises a ``RuntimeError`` (the dense
+torch path has a double backward).
 
 Cost: time O(E C + N C (F + C)) forward and backward (plus O(E log E) to coalesce unsorted
 edges and once for the transposed pattern); memory O(E) for indices and per-edge scalars,
@@ -58,6 +65,7 @@ depends on N_max^2. Gradients flow to ``x``, ``s`` and ``edge_weight``.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import List, NamedTuple, Optional, Tuple, Union
 
@@ -71,6 +79,24 @@ from .inputs import check_num_clusters, cluster_mask
 from .pool import _normalize_mode, finish_losses
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _first_order(backward):
+    """Marks a hand-written backward as first order: under ``create_graph=True`` (grad mode is
+    on inside a backward only then) it raises instead of building a graph that would give
+    wrong second derivatives."""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "sparse_diff_pool has no double backward: its backward passes are first order, so "
+                "create_graph=True (second derivatives, gradient penalties) is refused; "
+                "dense_diff_pool(..., backend='torch') on the dense form supports it"
+            )
+        return backward(ctx, *grads)
+
+    return checked
 
 
 def _shape(t: Tensor) -> str:
@@ -193,8 +219,8 @@ def _check_inputs(x, edge_index, s, batch, edge_weight, num_graphs) -> _Inputs:
     if num_graphs is not None and num_graphs < needed:
         raise ValueError(f"num_graphs={num_graphs} is smaller than batch.max() + 1 = {needed}")
     B = needed if num_graphs is None else num_graphs
-    if E > 0:
-        cross = batch[row] != batch[col]
+    if E > 0 and int(batch[0]) != int(batch[-1]):  # one graph (sorted ids): no edge can cross
+        cross = batch.index_select(0, row) != batch.index_select(0, col)
         if bool(cross.any()):
             e = int(cross.nonzero()[0, 0])
             i, j = int(row[e]), int(col[e])
@@ -222,19 +248,24 @@ class _Pattern:
     def transposed(self) -> Tuple[Tensor, Tensor, Tensor]:
         """(perm, rows in column order, column offsets): A^T's CSR is (crow_t, row[perm], vals[perm])."""
         if self._t is None:
-            perm = torch.argsort(self.col, stable=True)
-            self._t = (perm, self.row[perm], _offsets(self.col, self.N))
+            # int32 keys sort about 1.5x faster than int64 (bench/notes/sparse_profile_1e6.md)
+            keys = self.col.int() if self.N <= torch.iinfo(torch.int32).max else self.col
+            perm = torch.argsort(keys, stable=True)
+            del keys
+            self._t = (perm, self.row.index_select(0, perm), _offsets(self.col, self.N))
         return self._t
 
     def mm(self, vals: Tensor, Y: Tensor, transpose: bool = False) -> Tensor:
         """A Y (or A^T Y), [N, K], with A the pattern holding ``vals``."""
         if transpose:
             perm, row_t, crow_t = self.transposed()
-            idx, offsets, vals = row_t, crow_t, vals[perm]
+            idx, offsets, vals = row_t, crow_t, vals.index_select(0, perm)
         else:
             idx, offsets = self.col, self.crow
-        return F_nn.embedding_bag(idx, Y.contiguous(), offsets, mode="sum", per_sample_weights=vals.to(Y.dtype),
-                                  include_last_offset=True)
+        # detached: a saved tensor that requires grad would send embedding_bag down its
+        # training path, which also builds the bag bookkeeping its own backward needs
+        return F_nn.embedding_bag(idx, Y.detach().contiguous(), offsets, mode="sum",
+                                  per_sample_weights=vals.detach().to(Y.dtype), include_last_offset=True)
 
     def dots(self, U: Tensor, V: Tensor) -> Tensor:
         """<U_i, V_j> for every edge (i, j), [E]."""
@@ -264,6 +295,7 @@ class _SpMM(torch.autograd.Function):
         return pattern.mm(vals, S)
 
     @staticmethod
+    @_first_order
     def backward(ctx, g: Tensor):
         vals, S = ctx.saved_tensors
         p = ctx.pattern
@@ -272,38 +304,66 @@ class _SpMM(torch.autograd.Function):
         return g_vals, g_S, None
 
 
-class _EdgeT(torch.autograd.Function):
-    """(D [N, C], hard clusters) -> (T, dots) per edge (i, j) of the pattern:
-    dots = <D_i, D_j> and T = (S S^T - R)_ij = <H_i, D_j> + <D_i, H_j> + <D_i, D_j>, where
-    <H_i, D_j> = D[j, k_i] for a row i with a hard cluster k_i, else 0."""
+class _EdgeTerms(torch.autograd.Function):
+    """The link loss's per-edge part: V_b = sum over graph b's edges (i, j) of
+
+        v = res^2 - T^2 - 2 R dots = q (q - 2 T) - 2 R dots,   q = A - R,  res = q - T,
+
+    with R_ij = 1 when i and j share a hard cluster, dots = <D_i, D_j> and
+    T = (S S^T - R)_ij = <H_i, D_j> + <D_i, H_j> + <D_i, D_j>, where <H_i, D_j> = D[j, k_i] for
+    a row i with a hard cluster k_i, else 0. (q (q - 2 T) is res^2 - T^2 without the
+    cancellation of two near-equal squares on same-cluster edges, where q = 0 when A = 1.) Each
+    v is in the compute dtype, V in float64. Inputs: D [N, C], the edge values A [E], the edges'
+    hard clusters ``k_r``, ``k_c`` and whether they have one (``a_r``, ``a_c``), R as ``same``
+    [E] bool, each edge's graph ``eg`` [E] (None: one graph) and B. Gradients for D and A."""
 
     @staticmethod
-    def forward(ctx, D: Tensor, pattern: _Pattern, k_r: Tensor, k_c: Tensor, a_r: Tensor, a_c: Tensor):
-        """``k_r``, ``k_c``: hard clusters of each edge's ends; ``a_r``, ``a_c``: whether they have one."""
+    def forward(ctx, D, A, pattern: _Pattern, k_r, k_c, a_r, a_c, same, eg, B: int):
         C = D.shape[1]
-        row, col = pattern.row, pattern.col
-        # flat positions of D[j, k_i] and D[i, k_j]; -1 where the row has no hard cluster
-        i_hj = torch.where(a_r, col * C + k_r, -1)
-        i_ih = torch.where(a_c, row * C + k_c, -1)
-        dots = pattern.dots(D, D)
         flat = D.reshape(-1)
-        T = dots + torch.where(a_r, flat[i_hj.clamp_min(0)], 0.0) + torch.where(a_c, flat[i_ih.clamp_min(0)], 0.0)
-        ctx.pattern = pattern
-        ctx.save_for_backward(D, i_hj, i_ih)
-        return T, dots
+        # flat positions of D[j, k_i] and D[i, k_j] (valid indices: k is an argmax even where
+        # the row has no hard cluster; those terms are masked to 0)
+        i_hj = torch.add(k_r, pattern.col, alpha=C)
+        i_ih = torch.add(k_c, pattern.row, alpha=C)
+        dots = pattern.dots(D, D)
+        T = flat.index_select(0, i_hj).masked_fill_(~a_r, 0.0)
+        T += flat.index_select(0, i_ih).masked_fill_(~a_c, 0.0)
+        T += dots
+        q = A - same.to(A.dtype)
+        v = torch.add(q, T, alpha=-2.0).mul_(q)
+        v -= torch.where(same, dots, 0.0).mul_(2.0)
+        del dots
+        if eg is None:
+            V = v.sum(dtype=torch.float64).reshape(1)
+            V = V if B == 1 else torch.cat([V, V.new_zeros(B - 1)])
+        else:
+            V = v.new_zeros(B, dtype=torch.float64).index_add_(0, eg, v.to(torch.float64))
+        ctx.pattern, ctx.B = pattern, B
+        ctx.save_for_backward(D, A, T, i_hj, i_ih, a_r, a_c, same, eg)
+        return V
 
     @staticmethod
-    def backward(ctx, g_T: Tensor, g_dots: Tensor):
-        D, i_hj, i_ih = ctx.saved_tensors
+    @_first_order
+    def backward(ctx, gV: Tensor):
+        D, A, T, i_hj, i_ih, a_r, a_c, same, eg = ctx.saved_tensors
         p = ctx.pattern
-        g = g_T + g_dots
+        gv = gV.to(D.dtype)
+        ge = gv[0] if eg is None else gv.index_select(0, eg)  # d(loss)/dv per edge
+        q = A - same.to(A.dtype)
+        g_A = None
+        if ctx.needs_input_grad[1]:
+            g_A = torch.sub(q, T).mul_(ge).mul_(2.0)  # dv/dA = 2 (q - T)
+        g_T = (q * ge).mul_(-2.0)  # dv/dT = -2 q
+        del q
+        # dv/d(dots) = -2 R, plus dT/d(dots) = 1
+        g = torch.where(same, g_T - 2.0 * ge, g_T)
         g_D = p.mm(g, D)
         g_D += p.mm(g, D, transpose=True)
+        del g
         flat = g_D.view(-1)
-        for idx in (i_hj, i_ih):
-            keep = idx >= 0
-            flat.index_add_(0, idx[keep], g_T[keep].to(flat.dtype))
-        return g_D, None, None, None, None, None
+        flat.index_add_(0, i_hj, g_T.masked_fill(~a_r, 0.0))
+        flat.index_add_(0, i_ih, g_T.masked_fill_(~a_c, 0.0))
+        return g_D, g_A, None, None, None, None, None, None, None, None
 
 
 class _RowEntropy(torch.autograd.Function):
@@ -321,6 +381,7 @@ class _RowEntropy(torch.autograd.Function):
         return t.sum(-1).neg_()
 
     @staticmethod
+    @_first_order
     def backward(ctx, g: Tensor):
         (S,) = ctx.saved_tensors
         t = S + EPS
@@ -332,7 +393,8 @@ class _RowEntropy(torch.autograd.Function):
 
 
 class _Softmax(torch.autograd.Function):
-    """Row softmax whose backward shifts the incoming gradient by its argmax entry first.
+    """Row softmax, (s [N, C]) -> (P, top, k): P and each row's largest entry and its column
+    (not differentiable). The backward shifts the incoming gradient by its argmax entry first.
 
     P * (h - <P, h>) with h = g - g[argmax] equals P * (g - <P, g>) exactly in real arithmetic;
     in floating point it keeps the gradient of the argmax logit of a saturated row, where
@@ -340,18 +402,54 @@ class _Softmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s: Tensor) -> Tensor:
+    def forward(ctx, s: Tensor):
         P = torch.softmax(s, dim=-1)
-        ctx.save_for_backward(P)
-        return P
+        top, k = P.max(dim=-1)
+        ctx.mark_non_differentiable(top, k)
+        ctx.save_for_backward(P, k)
+        return P, top, k
 
     @staticmethod
-    def backward(ctx, g: Tensor):
-        (P,) = ctx.saved_tensors
-        k = P.argmax(dim=-1, keepdim=True)
-        h = g - g.gather(1, k)
-        dot = (P * h).sum(-1, keepdim=True)
+    @_first_order
+    def backward(ctx, g: Tensor, _g_top, _g_k):
+        P, k = ctx.saved_tensors
+        h = g - g.gather(1, k[:, None])
+        dot = (P * h).sum(-1, keepdim=True)  # (an einsum skips the [N, C] product but rounds worse)
         return h.sub_(dot).mul_(P)  # P * (h - <P, h>), in h's buffer
+
+
+class _SplitHard(torch.autograd.Function):
+    """(S [N, C], k [N], assigned [N]) -> (D, d): D = S - H with H_i = one-hot(k_i) for an
+    assigned row (H_i = 0 otherwise), and d [N] = D[i, k_i] for an assigned row, else 0.
+
+    D[i, k_i] = S[i, k_i] - 1 is computed as minus the sum of the row's other entries, so it has
+    no cancellation when S_i is near one-hot; it then does not depend on S[i, k_i] at all, and
+    the backward says so (the gradient of S[i, k_i] is 0 for an assigned row)."""
+
+    @staticmethod
+    def forward(ctx, S: Tensor, k: Tensor, assigned: Tensor):
+        kk = k[:, None]
+        top = S.gather(1, kk)[:, 0]
+        D = S.clone()
+        D.scatter_(1, kk, 0.0)
+        d = D.sum(-1).neg_()
+        dm = torch.where(assigned, d, 0.0)
+        D.scatter_(1, kk, torch.where(assigned, d, top)[:, None])
+        ctx.save_for_backward(k, assigned)
+        return D, dm
+
+    @staticmethod
+    @_first_order
+    def backward(ctx, g_D: Tensor, g_d: Tensor):
+        k, assigned = ctx.saved_tensors
+        kk = k[:, None]
+        g_Dk = g_D.gather(1, kk)[:, 0]
+        # an assigned row: dD[i, c]/dS[i, c] = 1 and dD[i, k_i]/dS[i, c] = d(d_i)/dS[i, c] = -1
+        # for c != k_i; nothing depends on S[i, k_i]
+        shift = torch.where(assigned, g_Dk + g_d, 0.0)
+        g_S = g_D - shift[:, None]
+        g_S.scatter_(1, kk, torch.where(assigned, 0.0, g_Dk)[:, None])
+        return g_S, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,76 +534,119 @@ class _GraphBlocks:
         stacked = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         return stacked if self.identity else zeros.index_copy(0, self.gids, stacked)
 
-    def gram64(self, U: Tensor, chunk_rows: int = 1 << 15) -> Tensor:
-        """U_b^T U_b for every graph in float64, [B, C, C], converting ``chunk_rows`` rows at a time."""
-        C = U.shape[1]
-        out = U.new_zeros(self.B, C, C, dtype=torch.float64)
+    def times(self, U: Tensor, W: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """Y [N, K] with Y_i = U_i W_b for node i of graph b; W [B, C, K]. With ``out`` [N, K],
+        Y is added to it in place and ``out`` returned."""
+        # every row lies in some bucket (a node's graph has n > 0), so every row is written
+        Y = U.new_empty(U.shape[0], W.shape[2]) if out is None else out
+        acc = out is not None
         for kind, gids, data in self.buckets:
             if kind == "slice":
                 p0, n = data
-                acc = out.new_zeros(C, C)
-                for r0 in range(p0, p0 + n, chunk_rows):
-                    u = U[r0 : min(r0 + chunk_rows, p0 + n)].to(torch.float64)
-                    acc += u.t() @ u
-                out[int(gids[0])] = acc
-                continue
-            G, n = gids.numel(), (data[2] if kind == "view" else data[0].shape[1])
-            step = max(1, chunk_rows // n)
-            for g0 in range(0, G, step):
-                u = self._rows(U, kind, data, g0, g0 + step).to(torch.float64)
-                out[gids[g0 : g0 + step]] = u.transpose(1, 2) @ u
-        return out
-
-    def times(self, U: Tensor, W: Tensor) -> Tensor:
-        """Y [N, K] with Y_i = U_i W_b for node i of graph b; W [B, C, K]."""
-        Y = U.new_zeros(U.shape[0], W.shape[2])
-        for kind, gids, data in self.buckets:
-            if kind == "slice":
-                p0, n = data
-                Y[p0 : p0 + n] = U[p0 : p0 + n] @ W[int(gids[0])]
+                u, w, y = U[p0 : p0 + n], W[int(gids[0])], Y[p0 : p0 + n]
+                y.addmm_(u, w) if acc else torch.mm(u, w, out=y)
             elif kind == "view":
                 p0, G, n = data
-                Y[p0 : p0 + G * n] = (self._rows(U, kind, data) @ W[gids]).reshape(G * n, -1)
+                u, w, y = self._rows(U, kind, data), W[gids], Y[p0 : p0 + G * n].view(G, n, -1)
+                y.baddbmm_(u, w) if acc else torch.bmm(u, w, out=y)
             else:
                 idx, valid = data
                 Yp = self._rows(U, kind, data) @ W[gids]
                 keep = valid[..., 0]
-                Y[idx[keep]] = Yp[keep]
+                rows = idx[keep]
+                if acc:
+                    Y.index_add_(0, rows, Yp[keep])
+                else:
+                    Y[rows] = Yp[keep]
         return Y
 
 
-class _Gram64(torch.autograd.Function):
-    """D [N, C] -> D_b^T D_b per graph in float64 [B, C, C], no float64 copy of D kept."""
+class _Products(torch.autograd.Function):
+    """(U [N, C], Y1 [N, K1], Y2 [N, K2]) -> (U_b^T Y1_b, U_b^T Y2_b) per graph, [B, C, K].
+
+    One function for both products, so the backward writes U's gradient Y1 g1^T + Y2 g2^T
+    into one contiguous buffer instead of summing two transposed [C, N] gradients."""
 
     @staticmethod
-    def forward(ctx, D: Tensor, blocks: _GraphBlocks) -> Tensor:
+    def forward(ctx, U: Tensor, Y1: Tensor, Y2: Tensor, blocks: "_GraphBlocks"):
         ctx.blocks = blocks
-        ctx.save_for_backward(D)
-        return blocks.gram64(D)
+        ctx.save_for_backward(U, Y1, Y2)
+        return tuple(blocks.products(U, [Y1, Y2]))
 
     @staticmethod
-    def backward(ctx, g: Tensor):
-        (D,) = ctx.saved_tensors
-        W = (g + g.transpose(1, 2)).to(D.dtype)
-        return ctx.blocks.times(D, W), None
+    @_first_order
+    def backward(ctx, g1: Tensor, g2: Tensor):
+        U, Y1, Y2 = ctx.saved_tensors
+        bl = ctx.blocks
+        g_U = g_Y1 = g_Y2 = None
+        if ctx.needs_input_grad[0]:
+            g_U = bl.times(Y1, g1.transpose(1, 2))
+            bl.times(Y2, g2.transpose(1, 2), out=g_U)
+        if ctx.needs_input_grad[1]:
+            g_Y1 = bl.times(U, g1)
+        if ctx.needs_input_grad[2]:
+            g_Y2 = bl.times(U, g2)
+        return g_U, g_Y1, g_Y2, None
 
 
-class _RowSum64(torch.autograd.Function):
-    """(D [N, C], slot [N]) -> float64 sums of D's rows per slot, [slots, C]."""
+class _Gram64(torch.autograd.Function):
+    """(D [N, C], slot [N], slots) -> (G, K): G = D_b^T D_b per graph [B, C, C] and K = the sums
+    of D's rows per slot [slots, C], both in float64 from one pass that converts ``chunk_rows``
+    rows at a time into one reused buffer; no float64 copy of D is kept."""
 
     @staticmethod
-    def forward(ctx, D: Tensor, slot: Tensor, slots: int, chunk_rows: int = 1 << 15) -> Tensor:
-        ctx.save_for_backward(slot)
-        ctx.dtype = D.dtype
-        out = D.new_zeros(slots, D.shape[1], dtype=torch.float64)
-        for r0 in range(0, D.shape[0], chunk_rows):
-            out.index_add_(0, slot[r0 : r0 + chunk_rows], D[r0 : r0 + chunk_rows].to(torch.float64))
-        return out
+    def forward(ctx, D: Tensor, blocks: "_GraphBlocks", slot: Tensor, slots: int, chunk_rows: int = 1 << 15):
+        ctx.blocks = blocks
+        ctx.save_for_backward(D, slot)
+        C = D.shape[1]
+        f64 = torch.float64
+        G = D.new_zeros(blocks.B, C, C, dtype=f64)
+        K = D.new_zeros(slots, C, dtype=f64)
+        buf = D.new_empty(min(chunk_rows, D.shape[0]) * C, dtype=f64)
+        for kind, gids, data in blocks.buckets:
+            if kind == "slice":
+                p0, n = data
+                acc = G.new_zeros(C, C)
+                for r0 in range(p0, p0 + n, chunk_rows):
+                    r1 = min(r0 + chunk_rows, p0 + n)
+                    u = buf[: (r1 - r0) * C].view(r1 - r0, C)
+                    u.copy_(D[r0:r1])
+                    acc.addmm_(u.t(), u)
+                    K.index_add_(0, slot[r0:r1], u)
+                G[int(gids[0])] = acc
+                continue
+            Gn, n = gids.numel(), (data[2] if kind == "view" else data[0].shape[1])
+            step = max(1, chunk_rows // n)
+            for g0 in range(0, Gn, step):
+                rows = blocks._rows(D, kind, data, g0, g0 + step)  # padding rows are 0
+                if buf.numel() < rows.numel():  # padding can make a chunk larger than D
+                    buf = D.new_empty(rows.numel(), dtype=f64)
+                u = buf[: rows.numel()].view(rows.shape)
+                u.copy_(rows)
+                G[gids[g0 : g0 + step]] = u.transpose(1, 2) @ u
+                if kind == "view":
+                    p0 = data[0]
+                    sl = slot[p0 + g0 * n : p0 + (g0 + u.shape[0]) * n]
+                else:  # padding rows repeat a real row's slot and add 0 to it
+                    sl = slot.index_select(0, data[0][g0 : g0 + step].reshape(-1))
+                K.index_add_(0, sl, u.reshape(-1, C))
+        return G, K
 
     @staticmethod
-    def backward(ctx, g: Tensor):
-        (slot,) = ctx.saved_tensors
-        return g.to(ctx.dtype)[slot], None, None, None
+    @_first_order
+    def backward(ctx, gG: Tensor, gK: Tensor):
+        D, slot = ctx.saved_tensors
+        g_D = gK.to(D.dtype).index_select(0, slot)
+        ctx.blocks.times(D, (gG + gG.transpose(1, 2)).to(D.dtype), out=g_D)
+        return g_D, None, None, None, None
+
+
+def _per_graph_count(flag: Tensor, graph: Optional[Tensor], B: int) -> Tensor:
+    """Per-graph counts of the true entries of ``flag`` [M], as float64 [B] (exact integers)."""
+    if graph is None:
+        out = flag.sum().to(torch.float64).reshape(1)
+        return out if B == 1 else torch.cat([out, out.new_zeros(B - 1)])
+    return torch.bincount(graph, weights=flag.to(torch.float64), minlength=B)
 
 
 def _per_graph(v: Tensor, graph: Optional[Tensor], B: int) -> Tensor:
@@ -564,7 +705,8 @@ def sparse_diff_pool(
             ``ValueError``: the edge pass has no Triton kernel yet. ``DIFFPOOL_FAST_BACKEND``
             overrides the argument, as for ``dense_diff_pool``.
 
-    Gradients flow to ``x``, ``s`` and ``edge_weight``.
+    Gradients flow to ``x``, ``s`` and ``edge_weight``; first order only (``create_graph=True``
+    raises a ``RuntimeError``; ``dense_diff_pool(..., backend="torch")`` has a double backward).
 
     Errors: ``TypeError`` (wrong types or dtypes) and ``ValueError`` (shapes, node ids out of
     range, unsorted ``batch``, an edge joining two graphs, negative or non-finite weights, a
@@ -634,51 +776,51 @@ def _coarsen_sparse(inp: _Inputs):
     # ---- S, its hard assignment H and D = S - H without cancellation. H_i = one-hot(argmax S_i)
     # for a row more than half in one cluster, else 0: the identity holds for any such H, and
     # this choice keeps every entry of D within [-1/2, 1/2].
-    S = _Softmax.apply(s.to(dt))
-    top, k = S.detach().max(dim=-1)
+    S, top, k = _Softmax.apply(s.to(dt))
     assigned = top > 0.5
-    hard = F_nn.one_hot(k, C).bool() & assigned[:, None]
-    d = -S.masked_fill(hard, 0.0).sum(-1)  # D[i, k_i] = S[i, k_i] - 1 = -(sum of the others)
-    D = torch.where(hard, d[:, None], S)
-    del hard
-    d64 = torch.where(assigned, d, 0.0).to(f64)
+    D, d = _SplitHard.apply(S, k, assigned)  # d_i = D[i, k_i] = S[i, k_i] - 1 (assigned rows), else 0
+    d64 = d.to(f64)
 
     # ---- out = S^T x, out_adj = S^T A S, G = D^T D, K = H^T D: per graph
     AS = _SpMM.apply(A_val, S, pattern)
     blocks = _GraphBlocks(counts, B, N)
-    out, out_adj = blocks.products(S, [x.to(dt), AS])
-    Gd = _Gram64.apply(D, blocks)  # G = D^T D, float64
+    out, out_adj = _Products.apply(S, x.to(dt), AS, blocks)
     # (graph, hard cluster) of each assigned node; unassigned nodes go to a spare slot B*C
     gk = k if graph is None else graph * C + k
     gk = torch.where(assigned, gk, B * C)
-    Kd = _RowSum64.apply(D, gk, B * C + 1)[: B * C].view(B, C, C)  # K = H^T D, float64
+    Gd, Kd = _Gram64.apply(D, blocks, gk, B * C + 1)  # G = D^T D, and K = H^T D as row sums; float64
+    Kd = Kd[: B * C].view(B, C, C)
     m = torch.bincount(gk, minlength=B * C + 1)[: B * C].to(f64).view(B, C)
     K_diag64 = d64.new_zeros(B * C + 1).index_add(0, gk, d64)[: B * C].view(B, C)
 
     # ---- per-edge terms, on the coalesced edges
-    k_r, k_c, a_r, a_c = k[urow], k[ucol], assigned[urow], assigned[ucol]
+    k_r, k_c = k.index_select(0, urow), k.index_select(0, ucol)
+    a_r, a_c = assigned.index_select(0, urow), assigned.index_select(0, ucol)
     same = (k_r == k_c) & a_r & a_c  # R_ij
-    T, dots = _EdgeT.apply(D, pattern, k_r, k_c, a_r, a_c)  # T = (S S^T - R)_ij, dots = <D_i, D_j>
+    # V = sum over edges of (A - S S^T)^2 - T^2 - 2 R <D_i, D_j>, T = (S S^T - R)_ij
+    V = _EdgeTerms.apply(D, A_val, pattern, k_r, k_c, a_r, a_c, same, eg, B)
     del k_r, k_c, a_r, a_c
-    res = (A_val - same.to(dt)) - T  # (A - S S^T)_ij
-    edge_sq = _per_graph(res * res, eg, B)
-    same_f = same.to(dt)
-    n_same = _per_graph(same_f, eg, B)
-    lin_same = _per_graph(torch.where(same, d64[urow] + d64[ucol], 0.0), eg, B)
-    dots_same = _per_graph(dots * same_f, eg, B)
-    T_sq = _per_graph(T * T, eg, B)
+    n_same = _per_graph_count(same, eg, B)
+    # sum over same-cluster edges of d_i + d_j, as sum_i d_i (number of such edges at i): the
+    # counts are exact, and d64's gradient meets K_diag64's in float64, where they cancel
+    cnt_dt = torch.float32 if same.numel() < (1 << 24) else f64
+    same_w = same.to(cnt_dt)
+    cnt = torch.bincount(urow, weights=same_w, minlength=N).to(f64)
+    cnt += torch.bincount(ucol, weights=same_w, minlength=N).to(f64)
+    del same_w
+    lin_same = _per_graph(d64 * cnt, graph, B)
 
     # ---- the non-edge pairs: all pairs minus the edges, of R, 2 R T and T^2
     G_diag = torch.diagonal(Gd, dim1=1, dim2=2)
     r_off = (m * m).sum(1) - n_same
-    rt_off = 2.0 * (m * K_diag64).sum(1) - lin_same + Kd.square().sum((1, 2)) - dots_same
+    rt_all = 2.0 * (m * K_diag64).sum(1) - lin_same + Kd.square().sum((1, 2))  # the edges' dots are in V
     tt_all = (
         2.0 * (m * G_diag).sum(1)
         + 2.0 * (Kd * Kd.transpose(1, 2)).sum((1, 2))
         + 4.0 * (Kd * Gd).sum((1, 2))
         + Gd.square().sum((1, 2))
     )
-    raw = edge_sq + r_off + 2.0 * rt_off + (tt_all - T_sq)
+    raw = V + r_off + 2.0 * rt_all + tt_all
     link_sq = raw.clamp_min(0.0)
 
     ent_rows = _RowEntropy.apply(S)
