@@ -244,6 +244,7 @@ class _Pattern:
         self.row, self.col = row, col
         self.crow = _offsets(row, N)
         self._t = None
+        self._sym = None
 
     def transposed(self) -> Tuple[Tensor, Tensor, Tensor]:
         """(perm, rows in column order, column offsets): A^T's CSR is (crow_t, row[perm], vals[perm])."""
@@ -254,6 +255,14 @@ class _Pattern:
             del keys
             self._t = (perm, self.row.index_select(0, perm), _offsets(self.col, self.N))
         return self._t
+
+    def symmetric(self) -> bool:
+        """Whether the pattern is its own transpose (values aside): then A^T's values, in this
+        pattern's edge order, are vals[perm]."""
+        if self._sym is None:
+            _, row_t, crow_t = self.transposed()
+            self._sym = bool(torch.equal(crow_t, self.crow) and torch.equal(row_t, self.col))
+        return self._sym
 
     def mm(self, vals: Tensor, Y: Tensor, transpose: bool = False) -> Tensor:
         """A Y (or A^T Y), [N, K], with A the pattern holding ``vals``."""
@@ -357,8 +366,12 @@ class _EdgeTerms(torch.autograd.Function):
         del q
         # dv/d(dots) = -2 R, plus dT/d(dots) = 1
         g = torch.where(same, g_T - 2.0 * ge, g_T)
-        g_D = p.mm(g, D)
-        g_D += p.mm(g, D, transpose=True)
+        if p.symmetric():  # (G + G^T) D as one pass: G^T has the values g[perm] on the same pattern
+            g += g.index_select(0, p.transposed()[0])
+            g_D = p.mm(g, D)
+        else:
+            g_D = p.mm(g, D)
+            g_D += p.mm(g, D, transpose=True)
         del g
         flat = g_D.view(-1)
         flat.index_add_(0, i_hj, g_T.masked_fill(~a_r, 0.0))
