@@ -227,7 +227,7 @@ def test_gram_in_chunks_every_bucket_kind():
     """The float64 Gram D_b^T D_b and the per-slot row sums, converted a few rows at a time (7,
     so every graph of 8+ nodes spans several chunks), against float64 sums; and their
     gradient against autograd of the float64 formula."""
-    from diffpool_fast.ops.sparse_pool import _Gram64, _GraphBlocks
+    from diffpool_fast.ops.sparse_blocks import Gram64, GraphBlocks
 
     gen = torch.Generator().manual_seed(_seed())
     counts = torch.tensor(BUCKET_SIZES)
@@ -235,7 +235,7 @@ def test_gram_in_chunks_every_bucket_kind():
     batch = torch.repeat_interleave(torch.arange(B), counts)
     D = torch.randn(N, C, generator=gen, requires_grad=True)
     slot = torch.randint(0, slots, (N,), generator=gen)
-    G, K = _Gram64.apply(D, _GraphBlocks(counts, B, N), slot, slots, 7)
+    G, K = Gram64.apply(D, GraphBlocks(counts, B, N), slot, slots, 7)
     D64 = D.detach().double().requires_grad_(True)
     G_ref = torch.stack([D64[batch == b].t() @ D64[batch == b] for b in range(B)])
     K_ref = D64.new_zeros(slots, C).index_add(0, slot, D64)

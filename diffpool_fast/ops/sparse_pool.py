@@ -16,10 +16,11 @@ With S = softmax(s) (row-wise) and graph b's nodes the contiguous slice [ptr_b, 
   and CUDA alike, each O(E C) time and O(E + N C) memory, never an E x C tensor:
   ``A Y`` is ``embedding_bag`` over the CSR rows with the edge weights as per-sample weights, and
   the per-edge dot products <U_i, V_j> are ``torch.sparse.sampled_addmm`` on the pattern. Their
-  backward passes (``_SpMM``, ``_EdgeT``) are the same two kernels, ``A^T Y`` on the transposed
-  pattern (one stable argsort of the columns, made on the first backward that needs it).
+  backward passes (``SpMM``, ``EdgeTerms`` in ``sparse_edges.py``) are the same two kernels,
+  ``A^T Y`` on the transposed pattern (one stable argsort of the columns, made on the first
+  backward that needs it); on a symmetric pattern (G + G^T) Y is one pass.
 * **Per-graph products** S_b^T Y_b ([B, C, K]): out = S^T x, out_adj = S^T (A S), and the Gram
-  D^T D below. Graphs are grouped by size into buckets [2^l, 2^(l+1)), at most
+  D^T D below (``sparse_blocks.py``). Graphs are grouped by size into buckets [2^l, 2^(l+1)), at most
   log2(N_max) + 1 of them, one ``bmm`` each. A graph alone in its bucket multiplies its rows in
   place, and graphs of one size that lie one after the other are a [G, n, C] view: no copy.
   Otherwise the bucket's rows are gathered into [G, n_pad, C], n_pad its largest graph: S is
@@ -65,38 +66,19 @@ depends on N_max^2. Gradients flow to ``x``, ``s`` and ``edge_weight``.
 """
 from __future__ import annotations
 
-import functools
-import warnings
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F_nn
 from torch import Tensor
 
 from ..config import BACKEND_ENV, EPS, POOL_BACKENDS, backend_override
 from .coarsen_torch import compute_dtype
 from .inputs import check_num_clusters, cluster_mask
 from .pool import _normalize_mode, finish_losses
+from .sparse_blocks import Gram64, GraphBlocks, Products, per_graph, per_graph_count
+from .sparse_edges import EdgeTerms, Pattern, SpMM, first_order
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
-
-
-def _first_order(backward):
-    """Marks a hand-written backward as first order: under ``create_graph=True`` (grad mode is
-    on inside a backward only then) it raises instead of building a graph that would give
-    wrong second derivatives."""
-
-    @functools.wraps(backward)
-    def checked(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "sparse_diff_pool has no double backward: its backward passes are first order, so "
-                "create_graph=True (second derivatives, gradient penalties) is refused; "
-                "dense_diff_pool(..., backend='torch') on the dense form supports it"
-            )
-        return backward(ctx, *grads)
-
-    return checked
 
 
 def _shape(t: Tensor) -> str:
@@ -231,154 +213,6 @@ def _check_inputs(x, edge_index, s, batch, edge_weight, num_graphs) -> _Inputs:
     return _Inputs(x, s, row, col, edge_weight, batch, B)
 
 
-# --------------------------------------------------------------------------------------------
-# the edge pattern and its two kernels
-# --------------------------------------------------------------------------------------------
-
-
-class _Pattern:
-    """Coalesced edges sorted by (row, col), as CSR; the transposed pattern on demand."""
-
-    def __init__(self, row: Tensor, col: Tensor, N: int):
-        self.N = N
-        self.row, self.col = row, col
-        self.crow = _offsets(row, N)
-        self._t = None
-        self._sym = None
-
-    def transposed(self) -> Tuple[Tensor, Tensor, Tensor]:
-        """(perm, rows in column order, column offsets): A^T's CSR is (crow_t, row[perm], vals[perm])."""
-        if self._t is None:
-            # int32 keys sort about 1.5x faster than int64 (bench/notes/sparse_profile_1e6.md)
-            keys = self.col.int() if self.N <= torch.iinfo(torch.int32).max else self.col
-            perm = torch.argsort(keys, stable=True)
-            del keys
-            self._t = (perm, self.row.index_select(0, perm), _offsets(self.col, self.N))
-        return self._t
-
-    def symmetric(self) -> bool:
-        """Whether the pattern is its own transpose (values aside): then A^T's values, in this
-        pattern's edge order, are vals[perm]."""
-        if self._sym is None:
-            _, row_t, crow_t = self.transposed()
-            self._sym = bool(torch.equal(crow_t, self.crow) and torch.equal(row_t, self.col))
-        return self._sym
-
-    def mm(self, vals: Tensor, Y: Tensor, transpose: bool = False) -> Tensor:
-        """A Y (or A^T Y), [N, K], with A the pattern holding ``vals``."""
-        if transpose:
-            perm, row_t, crow_t = self.transposed()
-            idx, offsets, vals = row_t, crow_t, vals.index_select(0, perm)
-        else:
-            idx, offsets = self.col, self.crow
-        # detached: a saved tensor that requires grad would send embedding_bag down its
-        # training path, which also builds the bag bookkeeping its own backward needs
-        return F_nn.embedding_bag(idx, Y.detach().contiguous(), offsets, mode="sum",
-                                  per_sample_weights=vals.detach().to(Y.dtype), include_last_offset=True)
-
-    def dots(self, U: Tensor, V: Tensor) -> Tensor:
-        """<U_i, V_j> for every edge (i, j), [E]."""
-        if self.row.numel() == 0:
-            return U.new_zeros(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            pat = torch.sparse_csr_tensor(self.crow, self.col, U.new_zeros(self.row.numel()), (self.N, self.N),
-                                          check_invariants=False)
-            return torch.sparse.sampled_addmm(pat, U.contiguous(), V.t(), beta=0.0).values()
-
-
-def _offsets(sorted_idx: Tensor, N: int) -> Tensor:
-    out = torch.zeros(N + 1, dtype=torch.int64, device=sorted_idx.device)
-    if sorted_idx.numel():
-        out[1:] = torch.bincount(sorted_idx, minlength=N).cumsum(0)
-    return out
-
-
-class _SpMM(torch.autograd.Function):
-    """(vals [E], S [N, C]) -> A S, A the pattern holding vals."""
-
-    @staticmethod
-    def forward(ctx, vals: Tensor, S: Tensor, pattern: _Pattern) -> Tensor:
-        ctx.pattern = pattern
-        ctx.save_for_backward(vals, S)
-        return pattern.mm(vals, S)
-
-    @staticmethod
-    @_first_order
-    def backward(ctx, g: Tensor):
-        vals, S = ctx.saved_tensors
-        p = ctx.pattern
-        g_vals = p.dots(g, S) if ctx.needs_input_grad[0] else None
-        g_S = p.mm(vals, g, transpose=True) if ctx.needs_input_grad[1] else None
-        return g_vals, g_S, None
-
-
-class _EdgeTerms(torch.autograd.Function):
-    """The link loss's per-edge part: V_b = sum over graph b's edges (i, j) of
-
-        v = res^2 - T^2 - 2 R dots = q (q - 2 T) - 2 R dots,   q = A - R,  res = q - T,
-
-    with R_ij = 1 when i and j share a hard cluster, dots = <D_i, D_j> and
-    T = (S S^T - R)_ij = <H_i, D_j> + <D_i, H_j> + <D_i, D_j>, where <H_i, D_j> = D[j, k_i] for
-    a row i with a hard cluster k_i, else 0. (q (q - 2 T) is res^2 - T^2 without the
-    cancellation of two near-equal squares on same-cluster edges, where q = 0 when A = 1.) Each
-    v is in the compute dtype, V in float64. Inputs: D [N, C], the edge values A [E], the edges'
-    hard clusters ``k_r``, ``k_c`` and whether they have one (``a_r``, ``a_c``), R as ``same``
-    [E] bool, each edge's graph ``eg`` [E] (None: one graph) and B. Gradients for D and A."""
-
-    @staticmethod
-    def forward(ctx, D, A, pattern: _Pattern, k_r, k_c, a_r, a_c, same, eg, B: int):
-        C = D.shape[1]
-        flat = D.reshape(-1)
-        # flat positions of D[j, k_i] and D[i, k_j] (valid indices: k is an argmax even where
-        # the row has no hard cluster; those terms are masked to 0)
-        i_hj = torch.add(k_r, pattern.col, alpha=C)
-        i_ih = torch.add(k_c, pattern.row, alpha=C)
-        dots = pattern.dots(D, D)
-        T = flat.index_select(0, i_hj).masked_fill_(~a_r, 0.0)
-        T += flat.index_select(0, i_ih).masked_fill_(~a_c, 0.0)
-        T += dots
-        q = A - same.to(A.dtype)
-        v = torch.add(q, T, alpha=-2.0).mul_(q)
-        v -= torch.where(same, dots, 0.0).mul_(2.0)
-        del dots
-        if eg is None:
-            V = v.sum(dtype=torch.float64).reshape(1)
-            V = V if B == 1 else torch.cat([V, V.new_zeros(B - 1)])
-        else:
-            V = v.new_zeros(B, dtype=torch.float64).index_add_(0, eg, v.to(torch.float64))
-        ctx.pattern, ctx.B = pattern, B
-        ctx.save_for_backward(D, A, T, i_hj, i_ih, a_r, a_c, same, eg)
-        return V
-
-    @staticmethod
-    @_first_order
-    def backward(ctx, gV: Tensor):
-        D, A, T, i_hj, i_ih, a_r, a_c, same, eg = ctx.saved_tensors
-        p = ctx.pattern
-        gv = gV.to(D.dtype)
-        ge = gv[0] if eg is None else gv.index_select(0, eg)  # d(loss)/dv per edge
-        q = A - same.to(A.dtype)
-        g_A = None
-        if ctx.needs_input_grad[1]:
-            g_A = torch.sub(q, T).mul_(ge).mul_(2.0)  # dv/dA = 2 (q - T)
-        g_T = (q * ge).mul_(-2.0)  # dv/dT = -2 q
-        del q
-        # dv/d(dots) = -2 R, plus dT/d(dots) = 1
-        g = torch.where(same, g_T - 2.0 * ge, g_T)
-        if p.symmetric():  # (G + G^T) D as one pass: G^T has the values g[perm] on the same pattern
-            g += g.index_select(0, p.transposed()[0])
-            g_D = p.mm(g, D)
-        else:
-            g_D = p.mm(g, D)
-            g_D += p.mm(g, D, transpose=True)
-        del g
-        flat = g_D.view(-1)
-        flat.index_add_(0, i_hj, g_T.masked_fill(~a_r, 0.0))
-        flat.index_add_(0, i_ih, g_T.masked_fill_(~a_c, 0.0))
-        return g_D, g_A, None, None, None, None, None, None, None, None
-
-
 class _RowEntropy(torch.autograd.Function):
     """S [N, C] -> -sum_c S log(S + EPS) per row, [N]; saves nothing but S."""
 
@@ -394,7 +228,7 @@ class _RowEntropy(torch.autograd.Function):
         return t.sum(-1).neg_()
 
     @staticmethod
-    @_first_order
+    @first_order
     def backward(ctx, g: Tensor):
         (S,) = ctx.saved_tensors
         t = S + EPS
@@ -423,7 +257,7 @@ class _Softmax(torch.autograd.Function):
         return P, top, k
 
     @staticmethod
-    @_first_order
+    @first_order
     def backward(ctx, g: Tensor, _g_top, _g_k):
         P, k = ctx.saved_tensors
         h = g - g.gather(1, k[:, None])
@@ -452,7 +286,7 @@ class _SplitHard(torch.autograd.Function):
         return D, dm
 
     @staticmethod
-    @_first_order
+    @first_order
     def backward(ctx, g_D: Tensor, g_d: Tensor):
         k, assigned = ctx.saved_tensors
         kk = k[:, None]
@@ -463,212 +297,6 @@ class _SplitHard(torch.autograd.Function):
         g_S = g_D - shift[:, None]
         g_S.scatter_(1, kk, torch.where(assigned, 0.0, g_Dk)[:, None])
         return g_S, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# per-graph products S_b^T Y_b
-# --------------------------------------------------------------------------------------------
-
-
-class _GraphBlocks:
-    """Graph b = nodes [ptr_b, ptr_b + n_b); graphs bucketed by size for batched products.
-
-    Each bucket is ``(kind, gids, data)``: ``"slice"`` (one graph, its rows in place),
-    ``"view"`` (graphs of one size one after the other: a [G, n, C] view) or ``"pad"`` (rows
-    gathered into [G, n_pad, C], zero past each graph's end).
-    """
-
-    def __init__(self, counts: Tensor, B: int, N: int):
-        self.B, self.N = B, N
-        device = counts.device
-        n_list = counts.tolist()
-        ptr, acc = [], 0
-        for n in n_list:
-            ptr.append(acc)
-            acc += n
-        levels = {}
-        for b, n in enumerate(n_list):
-            if n > 0:
-                levels.setdefault(n.bit_length() - 1, []).append(b)
-        self.buckets = []
-        order = []
-        for lvl in sorted(levels):
-            gids = levels[lvl]
-            n_pad = max(n_list[g] for g in gids)
-            G = len(gids)
-            if G == 1:
-                data = ("slice", (ptr[gids[0]], n_list[gids[0]]))
-            elif all(n_list[g] == n_pad for g in gids) and gids[-1] - gids[0] == G - 1:
-                data = ("view", (ptr[gids[0]], G, n_pad))
-            else:
-                starts = torch.tensor([ptr[g] for g in gids], dtype=torch.int64, device=device)
-                ns = torch.tensor([n_list[g] for g in gids], dtype=torch.int64, device=device)
-                ar = torch.arange(n_pad, device=device)
-                valid = ar[None, :] < ns[:, None]
-                # past its end a graph repeats its own rows: U is zeroed there, Y need not be,
-                # and nothing (not even a NaN) reaches another graph
-                idx = starts[:, None] + ar[None, :] % ns[:, None]
-                data = ("pad", (idx, valid[..., None]))
-            self.buckets.append((data[0], torch.tensor(gids, dtype=torch.int64, device=device), data[1]))
-            order.extend(gids)
-        self.gids = torch.tensor(order, dtype=torch.int64, device=device)
-        self.identity = order == list(range(B))
-
-    @staticmethod
-    def _rows(U: Tensor, kind: str, data, lo: int = 0, hi: Optional[int] = None, zero: bool = True) -> Tensor:
-        """The bucket's rows of U as [G, n, C] (graphs lo:hi of the bucket); ``zero``: padding
-        rows are 0, else copies of the graph's own rows."""
-        if kind == "slice":
-            p0, n = data
-            # the whole tensor, not a slice of it: a slice's backward would allocate and copy
-            return (U if n == U.shape[0] else U[p0 : p0 + n]).unsqueeze(0)
-        if kind == "view":
-            p0, G, n = data
-            hi = G if hi is None else min(hi, G)
-            rows = U if (lo, hi * n) == (0, U.shape[0]) else U[p0 + lo * n : p0 + hi * n]
-            return rows.reshape(hi - lo, n, U.shape[1])  # a view unless U is not contiguous
-        idx, valid = data
-        rows = U[idx[lo:hi]]
-        return rows.masked_fill_(~valid[lo:hi], 0.0) if zero else rows
-
-    def products(self, U: Tensor, Ys: List[Tensor]) -> List[Tensor]:
-        """[U_b^T Y_b for every graph b] as [B, C, K_y] for each Y in Ys (zeros for empty graphs)."""
-        C = U.shape[1]
-        pieces = [[] for _ in Ys]
-        for kind, _, data in self.buckets:
-            u = self._rows(U, kind, data).transpose(1, 2)
-            for out, Y in zip(pieces, Ys):
-                out.append(u @ self._rows(Y, kind, data, zero=False))
-        return [self._assemble(out, U.new_zeros(self.B, C, Y.shape[1])) for out, Y in zip(pieces, Ys)]
-
-    def _assemble(self, pieces: List[Tensor], zeros: Tensor) -> Tensor:
-        if not pieces:
-            return zeros
-        stacked = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        return stacked if self.identity else zeros.index_copy(0, self.gids, stacked)
-
-    def times(self, U: Tensor, W: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """Y [N, K] with Y_i = U_i W_b for node i of graph b; W [B, C, K]. With ``out`` [N, K],
-        Y is added to it in place and ``out`` returned."""
-        # every row lies in some bucket (a node's graph has n > 0), so every row is written
-        Y = U.new_empty(U.shape[0], W.shape[2]) if out is None else out
-        acc = out is not None
-        for kind, gids, data in self.buckets:
-            if kind == "slice":
-                p0, n = data
-                u, w, y = U[p0 : p0 + n], W[int(gids[0])], Y[p0 : p0 + n]
-                y.addmm_(u, w) if acc else torch.mm(u, w, out=y)
-            elif kind == "view":
-                p0, G, n = data
-                u, w, y = self._rows(U, kind, data), W[gids], Y[p0 : p0 + G * n].view(G, n, -1)
-                y.baddbmm_(u, w) if acc else torch.bmm(u, w, out=y)
-            else:
-                idx, valid = data
-                Yp = self._rows(U, kind, data) @ W[gids]
-                keep = valid[..., 0]
-                rows = idx[keep]
-                if acc:
-                    Y.index_add_(0, rows, Yp[keep])
-                else:
-                    Y[rows] = Yp[keep]
-        return Y
-
-
-class _Products(torch.autograd.Function):
-    """(U [N, C], Y1 [N, K1], Y2 [N, K2]) -> (U_b^T Y1_b, U_b^T Y2_b) per graph, [B, C, K].
-
-    One function for both products, so the backward writes U's gradient Y1 g1^T + Y2 g2^T
-    into one contiguous buffer instead of summing two transposed [C, N] gradients."""
-
-    @staticmethod
-    def forward(ctx, U: Tensor, Y1: Tensor, Y2: Tensor, blocks: "_GraphBlocks"):
-        ctx.blocks = blocks
-        ctx.save_for_backward(U, Y1, Y2)
-        return tuple(blocks.products(U, [Y1, Y2]))
-
-    @staticmethod
-    @_first_order
-    def backward(ctx, g1: Tensor, g2: Tensor):
-        U, Y1, Y2 = ctx.saved_tensors
-        bl = ctx.blocks
-        g_U = g_Y1 = g_Y2 = None
-        if ctx.needs_input_grad[0]:
-            g_U = bl.times(Y1, g1.transpose(1, 2))
-            bl.times(Y2, g2.transpose(1, 2), out=g_U)
-        if ctx.needs_input_grad[1]:
-            g_Y1 = bl.times(U, g1)
-        if ctx.needs_input_grad[2]:
-            g_Y2 = bl.times(U, g2)
-        return g_U, g_Y1, g_Y2, None
-
-
-class _Gram64(torch.autograd.Function):
-    """(D [N, C], slot [N], slots) -> (G, K): G = D_b^T D_b per graph [B, C, C] and K = the sums
-    of D's rows per slot [slots, C], both in float64 from one pass that converts ``chunk_rows``
-    rows at a time into one reused buffer; no float64 copy of D is kept."""
-
-    @staticmethod
-    def forward(ctx, D: Tensor, blocks: "_GraphBlocks", slot: Tensor, slots: int, chunk_rows: int = 1 << 15):
-        ctx.blocks = blocks
-        ctx.save_for_backward(D, slot)
-        C = D.shape[1]
-        f64 = torch.float64
-        G = D.new_zeros(blocks.B, C, C, dtype=f64)
-        K = D.new_zeros(slots, C, dtype=f64)
-        buf = D.new_empty(min(chunk_rows, D.shape[0]) * C, dtype=f64)
-        for kind, gids, data in blocks.buckets:
-            if kind == "slice":
-                p0, n = data
-                acc = G.new_zeros(C, C)
-                for r0 in range(p0, p0 + n, chunk_rows):
-                    r1 = min(r0 + chunk_rows, p0 + n)
-                    u = buf[: (r1 - r0) * C].view(r1 - r0, C)
-                    u.copy_(D[r0:r1])
-                    acc.addmm_(u.t(), u)
-                    K.index_add_(0, slot[r0:r1], u)
-                G[int(gids[0])] = acc
-                continue
-            Gn, n = gids.numel(), (data[2] if kind == "view" else data[0].shape[1])
-            step = max(1, chunk_rows // n)
-            for g0 in range(0, Gn, step):
-                rows = blocks._rows(D, kind, data, g0, g0 + step)  # padding rows are 0
-                if buf.numel() < rows.numel():  # padding can make a chunk larger than D
-                    buf = D.new_empty(rows.numel(), dtype=f64)
-                u = buf[: rows.numel()].view(rows.shape)
-                u.copy_(rows)
-                G[gids[g0 : g0 + step]] = u.transpose(1, 2) @ u
-                if kind == "view":
-                    p0 = data[0]
-                    sl = slot[p0 + g0 * n : p0 + (g0 + u.shape[0]) * n]
-                else:  # padding rows repeat a real row's slot and add 0 to it
-                    sl = slot.index_select(0, data[0][g0 : g0 + step].reshape(-1))
-                K.index_add_(0, sl, u.reshape(-1, C))
-        return G, K
-
-    @staticmethod
-    @_first_order
-    def backward(ctx, gG: Tensor, gK: Tensor):
-        D, slot = ctx.saved_tensors
-        g_D = gK.to(D.dtype).index_select(0, slot)
-        ctx.blocks.times(D, (gG + gG.transpose(1, 2)).to(D.dtype), out=g_D)
-        return g_D, None, None, None, None
-
-
-def _per_graph_count(flag: Tensor, graph: Optional[Tensor], B: int) -> Tensor:
-    """Per-graph counts of the true entries of ``flag`` [M], as float64 [B] (exact integers)."""
-    if graph is None:
-        out = flag.sum().to(torch.float64).reshape(1)
-        return out if B == 1 else torch.cat([out, out.new_zeros(B - 1)])
-    return torch.bincount(graph, weights=flag.to(torch.float64), minlength=B)
-
-
-def _per_graph(v: Tensor, graph: Optional[Tensor], B: int) -> Tensor:
-    """Per-graph float64 sums of v [M] with graph ids ``graph`` [M] (None: all in graph 0)."""
-    if graph is None:
-        out = v.sum(dtype=torch.float64).reshape(1)
-        return out if B == 1 else torch.cat([out, out.new_zeros(B - 1)])
-    v64 = v.to(torch.float64)
-    return v64.new_zeros(B).index_add(0, graph, v64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,7 +410,7 @@ def _coarsen_sparse(inp: _Inputs):
         A_val = w.new_zeros(E1).index_add(0, inv, w)
     else:
         A_val = torch.bincount(inv, minlength=E1).to(dt)
-    pattern = _Pattern(urow, ucol, N)
+    pattern = Pattern(urow, ucol, N)
     graph = None if batch is None or B == 1 else batch  # graph of each node (None: all in graph 0)
     eg = None if graph is None else graph[urow]  # graph of each edge
 
@@ -795,13 +423,13 @@ def _coarsen_sparse(inp: _Inputs):
     d64 = d.to(f64)
 
     # ---- out = S^T x, out_adj = S^T A S, G = D^T D, K = H^T D: per graph
-    AS = _SpMM.apply(A_val, S, pattern)
-    blocks = _GraphBlocks(counts, B, N)
-    out, out_adj = _Products.apply(S, x.to(dt), AS, blocks)
+    AS = SpMM.apply(A_val, S, pattern)
+    blocks = GraphBlocks(counts, B, N)
+    out, out_adj = Products.apply(S, x.to(dt), AS, blocks)
     # (graph, hard cluster) of each assigned node; unassigned nodes go to a spare slot B*C
     gk = k if graph is None else graph * C + k
     gk = torch.where(assigned, gk, B * C)
-    Gd, Kd = _Gram64.apply(D, blocks, gk, B * C + 1)  # G = D^T D, and K = H^T D as row sums; float64
+    Gd, Kd = Gram64.apply(D, blocks, gk, B * C + 1)  # G = D^T D, and K = H^T D as row sums; float64
     Kd = Kd[: B * C].view(B, C, C)
     m = torch.bincount(gk, minlength=B * C + 1)[: B * C].to(f64).view(B, C)
     K_diag64 = d64.new_zeros(B * C + 1).index_add(0, gk, d64)[: B * C].view(B, C)
@@ -811,9 +439,9 @@ def _coarsen_sparse(inp: _Inputs):
     a_r, a_c = assigned.index_select(0, urow), assigned.index_select(0, ucol)
     same = (k_r == k_c) & a_r & a_c  # R_ij
     # V = sum over edges of (A - S S^T)^2 - T^2 - 2 R <D_i, D_j>, T = (S S^T - R)_ij
-    V = _EdgeTerms.apply(D, A_val, pattern, k_r, k_c, a_r, a_c, same, eg, B)
+    V = EdgeTerms.apply(D, A_val, pattern, k_r, k_c, a_r, a_c, same, eg, B)
     del k_r, k_c, a_r, a_c
-    n_same = _per_graph_count(same, eg, B)
+    n_same = per_graph_count(same, eg, B)
     # sum over same-cluster edges of d_i + d_j, as sum_i d_i (number of such edges at i): the
     # counts are exact, and d64's gradient meets K_diag64's in float64, where they cancel
     cnt_dt = torch.float32 if same.numel() < (1 << 24) else f64
@@ -821,7 +449,7 @@ def _coarsen_sparse(inp: _Inputs):
     cnt = torch.bincount(urow, weights=same_w, minlength=N).to(f64)
     cnt += torch.bincount(ucol, weights=same_w, minlength=N).to(f64)
     del same_w
-    lin_same = _per_graph(d64 * cnt, graph, B)
+    lin_same = per_graph(d64 * cnt, graph, B)
 
     # ---- the non-edge pairs: all pairs minus the edges, of R, 2 R T and T^2
     G_diag = torch.diagonal(Gd, dim1=1, dim2=2)
@@ -837,5 +465,5 @@ def _coarsen_sparse(inp: _Inputs):
     link_sq = raw.clamp_min(0.0)
 
     ent_rows = _RowEntropy.apply(S)
-    ent_sum = _per_graph(ent_rows, graph, B)
+    ent_sum = per_graph(ent_rows, graph, B)
     return out, out_adj, link_sq, ent_sum, counts, N_max
