@@ -190,22 +190,27 @@ def test_no_edges_at_all():
 BUCKET_SIZES = [5, 5, 5, 3, 9, 17, 12, 1, 40]
 
 
+@pytest.mark.parametrize("regime", ["near_converged", "spread"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_bucket_kinds_near_converged_float64(symmetric):
-    """Every bucket kind, with S near one-hot on most rows (the hard-cluster split of the link
-    loss is active) and spread out on the rest: float64 equality with the dense op, outputs and
-    the gradients of x, s and edge_weight. ``symmetric``: every edge also reversed, with its own
-    weight (a symmetric pattern, whose backward takes one pass for G + G^T; A itself is not
-    symmetric)."""
+def test_bucket_kinds_float64(symmetric, regime):
+    """Every bucket kind: float64 equality with the dense op, outputs and the gradients of x, s
+    and edge_weight. ``near_converged``: S near one-hot on most rows (the hard-cluster split of
+    the link loss is active) and spread out on the rest; ``spread``: no row above 1/2 (the split
+    is skipped, H = 0). ``symmetric``: every edge also reversed, with its own weight (a symmetric
+    pattern, whose backward takes one pass for G + G^T; A itself is not symmetric)."""
     gen = torch.Generator().manual_seed(_seed())
     x, ei, _, batch, w = random_batch(gen, sizes=BUCKET_SIZES, C=6, F=3)
     if symmetric:
         ei = torch.cat([ei, ei.flip(0)], 1)
         w = torch.cat([w, torch.rand(w.shape, generator=gen, dtype=F64)])
     N, C = x.shape[0], 6
-    hard = torch.randint(0, C, (N,), generator=gen)
-    s = 9.0 * torch.nn.functional.one_hot(hard, C).to(F64) + 0.3 * torch.randn(N, C, generator=gen, dtype=F64)
-    s[torch.rand(N, generator=gen) < 0.25] *= 0.05  # about a quarter of the rows spread out
+    if regime == "near_converged":
+        hard = torch.randint(0, C, (N,), generator=gen)
+        s = 9.0 * torch.nn.functional.one_hot(hard, C).to(F64) + 0.3 * torch.randn(N, C, generator=gen, dtype=F64)
+        s[torch.rand(N, generator=gen) < 0.25] *= 0.05  # about a quarter of the rows spread out
+    else:
+        s = 0.5 * torch.randn(N, C, generator=gen, dtype=F64).clamp(-1.0, 1.0)  # max P <= e / (e + 5) < 1/2
+        assert float(s.softmax(-1).max()) < 0.5
     B = len(BUCKET_SIZES)
     for per_graph in (False, True):
         xs, ss, ws = (t.clone().requires_grad_(True) for t in (x, s, w))

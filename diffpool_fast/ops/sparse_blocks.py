@@ -149,8 +149,8 @@ class Products(torch.autograd.Function):
 
 
 class Gram64(torch.autograd.Function):
-    """(D [N, C], slot [N], slots) -> (G, K): G = D_b^T D_b per graph [B, C, C] and K = the sums
-    of D's rows per slot [slots, C], both in float64 from one pass that converts ``chunk_rows``
+    """(D [N, C], slot [N] or None, slots) -> (G, K): G = D_b^T D_b per graph [B, C, C] and K =
+    the sums of D's rows per slot [slots, C] (0 for ``slot=None``), both in float64 from one pass that converts ``chunk_rows``
     rows at a time into one reused buffer; no float64 copy of D is kept."""
 
     @staticmethod
@@ -171,7 +171,8 @@ class Gram64(torch.autograd.Function):
                     u = buf[: (r1 - r0) * C].view(r1 - r0, C)
                     u.copy_(D[r0:r1])
                     acc.addmm_(u.t(), u)
-                    K.index_add_(0, slot[r0:r1], u)
+                    if slot is not None:
+                        K.index_add_(0, slot[r0:r1], u)
                 G[int(gids[0])] = acc
                 continue
             Gn, n = gids.numel(), (data[2] if kind == "view" else data[0].shape[1])
@@ -183,6 +184,8 @@ class Gram64(torch.autograd.Function):
                 u = buf[: rows.numel()].view(rows.shape)
                 u.copy_(rows)
                 G[gids[g0 : g0 + step]] = u.transpose(1, 2) @ u
+                if slot is None:
+                    continue
                 if kind == "view":
                     p0 = data[0]
                     sl = slot[p0 + g0 * n : p0 + (g0 + u.shape[0]) * n]
@@ -195,8 +198,8 @@ class Gram64(torch.autograd.Function):
     @first_order
     def backward(ctx, gG: Tensor, gK: Tensor):
         D, slot = ctx.saved_tensors
-        g_D = gK.to(D.dtype).index_select(0, slot)
-        ctx.blocks.times(D, (gG + gG.transpose(1, 2)).to(D.dtype), out=g_D)
+        g_D = None if slot is None else gK.to(D.dtype).index_select(0, slot)
+        g_D = ctx.blocks.times(D, (gG + gG.transpose(1, 2)).to(D.dtype), out=g_D)
         return g_D, None, None, None, None
 
 

@@ -125,58 +125,68 @@ class EdgeTerms(torch.autograd.Function):
     T = (S S^T - R)_ij = <H_i, D_j> + <D_i, H_j> + <D_i, D_j>, where <H_i, D_j> = D[j, k_i] for
     a row i with a hard cluster k_i, else 0. (q (q - 2 T) is res^2 - T^2 without the
     cancellation of two near-equal squares on same-cluster edges, where q = 0 when A = 1.) Each
-    v is in the compute dtype, V in float64. Inputs: D [N, C], the edge values A [E], the edges'
-    hard clusters ``k_r``, ``k_c`` and whether they have one (``a_r``, ``a_c``), R as ``same``
-    [E] bool, each edge's graph ``eg`` [E] (None: one graph) and B. Gradients for D and A."""
+    v is in the compute dtype, V in float64. Inputs: D [N, C], the edge values A [E], ``hard``
+    = (k_r, k_c, a_r, a_c, same) -- the edges' hard clusters, whether the ends have one, and R as
+    a bool [E] -- or None when no row has a hard cluster (then R = 0 and T = dots), each edge's
+    graph ``eg`` [E] (None: one graph) and B. Gradients for D and A."""
 
     @staticmethod
-    def forward(ctx, D, A, pattern: Pattern, k_r, k_c, a_r, a_c, same, eg, B: int):
-        C = D.shape[1]
-        flat = D.reshape(-1)
-        # flat positions of D[j, k_i] and D[i, k_j] (valid indices: k is an argmax even where
-        # the row has no hard cluster; those terms are masked to 0)
-        i_hj = torch.add(k_r, pattern.col, alpha=C)
-        i_ih = torch.add(k_c, pattern.row, alpha=C)
+    def forward(ctx, D, A, pattern: Pattern, hard, eg, B: int):
         dots = pattern.dots(D, D)
-        T = flat.index_select(0, i_hj).masked_fill_(~a_r, 0.0)
-        T += flat.index_select(0, i_ih).masked_fill_(~a_c, 0.0)
-        T += dots
-        q = A - same.to(A.dtype)
-        v = torch.add(q, T, alpha=-2.0).mul_(q)
-        v -= torch.where(same, dots, 0.0).mul_(2.0)
-        del dots
+        if hard is None:
+            T, q = dots, A
+            v = torch.add(q, T, alpha=-2.0).mul_(q)
+            ctx.hard = None
+        else:
+            k_r, k_c, a_r, a_c, same = hard
+            C = D.shape[1]
+            flat = D.reshape(-1)
+            # flat positions of D[j, k_i] and D[i, k_j] (valid indices: k is an argmax even where
+            # the row has no hard cluster; those terms are masked to 0)
+            i_hj = torch.add(k_r, pattern.col, alpha=C)
+            i_ih = torch.add(k_c, pattern.row, alpha=C)
+            T = flat.index_select(0, i_hj).masked_fill_(~a_r, 0.0)
+            T += flat.index_select(0, i_ih).masked_fill_(~a_c, 0.0)
+            T += dots
+            q = A - same.to(A.dtype)
+            v = torch.add(q, T, alpha=-2.0).mul_(q)
+            v -= torch.where(same, dots, 0.0).mul_(2.0)
+            ctx.hard = (i_hj, i_ih, a_r, a_c, same)
+        del dots, q
         if eg is None:
             V = v.sum(dtype=torch.float64).reshape(1)
             V = V if B == 1 else torch.cat([V, V.new_zeros(B - 1)])
         else:
             V = v.new_zeros(B, dtype=torch.float64).index_add_(0, eg, v.to(torch.float64))
-        ctx.pattern, ctx.B = pattern, B
-        ctx.save_for_backward(D, A, T, i_hj, i_ih, a_r, a_c, same, eg)
+        ctx.pattern = pattern
+        ctx.save_for_backward(D, A, T, eg)
         return V
 
     @staticmethod
     @first_order
     def backward(ctx, gV: Tensor):
-        D, A, T, i_hj, i_ih, a_r, a_c, same, eg = ctx.saved_tensors
+        D, A, T, eg = ctx.saved_tensors
         p = ctx.pattern
         gv = gV.to(D.dtype)
         ge = gv[0] if eg is None else gv.index_select(0, eg)  # d(loss)/dv per edge
-        q = A - same.to(A.dtype)
+        q = A if ctx.hard is None else A - ctx.hard[4].to(A.dtype)
         g_A = None
         if ctx.needs_input_grad[1]:
             g_A = torch.sub(q, T).mul_(ge).mul_(2.0)  # dv/dA = 2 (q - T)
         g_T = (q * ge).mul_(-2.0)  # dv/dT = -2 q
         del q
         # dv/d(dots) = -2 R, plus dT/d(dots) = 1
-        g = torch.where(same, g_T - 2.0 * ge, g_T)
+        g = g_T if ctx.hard is None else torch.where(ctx.hard[4], g_T - 2.0 * ge, g_T)
         if p.symmetric():  # (G + G^T) D as one pass: G^T has the values g[perm] on the same pattern
-            g += g.index_select(0, p.transposed()[0])
+            g = g + g.index_select(0, p.transposed()[0])
             g_D = p.mm(g, D)
         else:
             g_D = p.mm(g, D)
             g_D += p.mm(g, D, transpose=True)
         del g
-        flat = g_D.view(-1)
-        flat.index_add_(0, i_hj, g_T.masked_fill(~a_r, 0.0))
-        flat.index_add_(0, i_ih, g_T.masked_fill_(~a_c, 0.0))
-        return g_D, g_A, None, None, None, None, None, None, None, None
+        if ctx.hard is not None:
+            i_hj, i_ih, a_r, a_c, _ = ctx.hard
+            flat = g_D.view(-1)
+            flat.index_add_(0, i_hj, g_T.masked_fill(~a_r, 0.0))
+            flat.index_add_(0, i_ih, g_T.masked_fill_(~a_c, 0.0))
+        return g_D, g_A, None, None, None, None

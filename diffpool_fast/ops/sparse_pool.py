@@ -419,13 +419,35 @@ def _coarsen_sparse(inp: _Inputs):
     # this choice keeps every entry of D within [-1/2, 1/2].
     S, top, k = _Softmax.apply(s.to(dt))
     assigned = top > 0.5
-    D, d = _SplitHard.apply(S, k, assigned)  # d_i = D[i, k_i] = S[i, k_i] - 1 (assigned rows), else 0
-    d64 = d.to(f64)
 
-    # ---- out = S^T x, out_adj = S^T A S, G = D^T D, K = H^T D: per graph
+    # ---- out = S^T x, out_adj = S^T A S: per graph
     AS = SpMM.apply(A_val, S, pattern)
     blocks = GraphBlocks(counts, B, N)
     out, out_adj = Products.apply(S, x.to(dt), AS, blocks)
+
+    if not bool(assigned.any()):
+        # no row has a hard cluster (a spread-out S, as at the start of training): H = 0, so
+        # D = S, R = 0, K = 0, and of the sums below only the edges' part and ||G||^2 remain
+        Gd, _ = Gram64.apply(S, blocks, None, 1)
+        V = EdgeTerms.apply(S, A_val, pattern, None, eg, B)
+        raw = V + Gd.square().sum((1, 2))
+    else:
+        raw = _hard_split_terms(S, k, assigned, A_val, pattern, blocks, graph, eg, B, urow, ucol)
+    link_sq = raw.clamp_min(0.0)
+
+    ent_rows = _RowEntropy.apply(S)
+    ent_sum = per_graph(ent_rows, graph, B)
+    return out, out_adj, link_sq, ent_sum, counts, N_max
+
+
+def _hard_split_terms(S, k, assigned, A_val, pattern, blocks, graph, eg, B, urow, ucol):
+    """||A_b - S_b S_b^T||^2 per graph (float64 [B], before the clamp at 0) through the hard
+    split of the module docstring: D = S - H, K = H^T D, G = D^T D, the edges' terms and the
+    non-edge pairs as "all pairs minus the edges"."""
+    N, C = S.shape
+    f64 = torch.float64
+    D, d = _SplitHard.apply(S, k, assigned)  # d_i = D[i, k_i] = S[i, k_i] - 1 (assigned rows), else 0
+    d64 = d.to(f64)
     # (graph, hard cluster) of each assigned node; unassigned nodes go to a spare slot B*C
     gk = k if graph is None else graph * C + k
     gk = torch.where(assigned, gk, B * C)
@@ -439,7 +461,7 @@ def _coarsen_sparse(inp: _Inputs):
     a_r, a_c = assigned.index_select(0, urow), assigned.index_select(0, ucol)
     same = (k_r == k_c) & a_r & a_c  # R_ij
     # V = sum over edges of (A - S S^T)^2 - T^2 - 2 R <D_i, D_j>, T = (S S^T - R)_ij
-    V = EdgeTerms.apply(D, A_val, pattern, k_r, k_c, a_r, a_c, same, eg, B)
+    V = EdgeTerms.apply(D, A_val, pattern, (k_r, k_c, a_r, a_c, same), eg, B)
     del k_r, k_c, a_r, a_c
     n_same = per_graph_count(same, eg, B)
     # sum over same-cluster edges of d_i + d_j, as sum_i d_i (number of such edges at i): the
@@ -461,9 +483,4 @@ def _coarsen_sparse(inp: _Inputs):
         + 4.0 * (Kd * Gd).sum((1, 2))
         + Gd.square().sum((1, 2))
     )
-    raw = V + r_off + 2.0 * rt_all + tt_all
-    link_sq = raw.clamp_min(0.0)
-
-    ent_rows = _RowEntropy.apply(S)
-    ent_sum = per_graph(ent_rows, graph, B)
-    return out, out_adj, link_sq, ent_sum, counts, N_max
+    return V + r_off + 2.0 * rt_all + tt_all
