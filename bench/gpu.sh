@@ -128,6 +128,33 @@ a, b = sparse_diff_pool(x, ei, s), dense_diff_pool(x, adj, s, backend="torch")
 err = max(float((p - q).abs().max()) for p, q in zip(a, b))
 print(f"sparse vs dense on CUDA, float64: max abs diff {err:.3e}")
 assert err < 1e-9
+# a near-converged batch of graphs with a symmetric pattern: the hard split of the link loss,
+# every size-bucket kind (lone, equal-size view, padded), gradients of x, s and edge_weight
+sizes = [5, 5, 5, 3, 9, 17, 12, 1, 40]
+B, Nmax, C, F = len(sizes), max(sizes), 6, 3
+batch = torch.repeat_interleave(torch.arange(B, device="cuda"), torch.tensor(sizes, device="cuda"))
+ptr = torch.tensor([0] + sizes, device="cuda").cumsum(0)
+r = torch.cat([torch.randint(0, n, (2 * n,), device="cuda", generator=g) + ptr[b] for b, n in enumerate(sizes)])
+c = torch.cat([torch.randint(0, n, (2 * n,), device="cuda", generator=g) + ptr[b] for b, n in enumerate(sizes)])
+ei = torch.cat([torch.stack([r, c]), torch.stack([c, r])], 1)
+w = torch.rand(ei.shape[1], device="cuda", dtype=torch.float64, generator=g).requires_grad_(True)
+Nt = int(ptr[-1])
+hard = torch.randint(0, C, (Nt,), device="cuda", generator=g)
+s = (9.0 * torch.nn.functional.one_hot(hard, C).double() + 0.3 * torch.randn(Nt, C, device="cuda", dtype=torch.float64, generator=g)).requires_grad_(True)
+x = torch.randn(Nt, F, device="cuda", dtype=torch.float64, generator=g).requires_grad_(True)
+loc = torch.arange(Nt, device="cuda") - ptr[batch]
+xd = torch.zeros(B, Nmax, F, device="cuda", dtype=torch.float64).index_put((batch, loc), x)
+sd = torch.zeros(B, Nmax, C, device="cuda", dtype=torch.float64).index_put((batch, loc), s)
+ad = torch.zeros(B, Nmax, Nmax, device="cuda", dtype=torch.float64).index_put((batch[ei[0]], loc[ei[0]], loc[ei[1]]), w, accumulate=True)
+mask = torch.zeros(B, Nmax, dtype=torch.bool, device="cuda").index_put((batch, loc), torch.ones(Nt, dtype=torch.bool, device="cuda"))
+a = sparse_diff_pool(x, ei, s, batch, w, per_graph=True)
+b = dense_diff_pool(xd, ad, sd, mask, per_graph=True, backend="torch")
+err = max(float((p - q).detach().abs().max()) for p, q in zip(a, b))
+ga = torch.autograd.grad(sum(t.sum() for t in a), (x, s, w))
+gb = torch.autograd.grad(sum(t.sum() for t in b), (x, s, w))
+gerr = max(float((p - q).abs().max()) for p, q in zip(ga, gb))
+print(f"near-converged batch of {B} graphs, symmetric pattern, float64: outputs {err:.3e}, grads of x, s, w {gerr:.3e}")
+assert err < 1e-9 and gerr < 1e-9
 N, E = 10**6, 10**7
 ei = torch.randint(0, N, (2, E), device="cuda", generator=g)
 x = torch.randn(N, 32, device="cuda", generator=g, requires_grad=True)
