@@ -3,8 +3,15 @@
 - elementwise passes over S [N, C] (add, mul, log, softmax): what one pass costs;
 - the row entropy, forward and backward: the out-of-place formulas against the in-place form
   ``sparse_pool._RowEntropy`` uses (same operations, same order: the results are compared bitwise);
-- the transposed edge pattern: stable argsort of the int64 columns against int32 columns and
-  against ``to_sparse_csc`` (all three must give the same permutation).
+- the transposed edge pattern: stable argsort of the int64 columns against int32 columns (what
+  ``sparse_edges.Pattern`` uses) and against ``to_sparse_csc`` (all three must give the same
+  permutation);
+- gathers of node quantities at the edges' ends and of D[j, k_i]: advanced indexing against
+  ``index_select`` (equal results);
+- the hard split D = S - H: a one-hot mask with ``masked_fill`` and ``where`` against a clone
+  and two ``scatter_`` (what ``sparse_pool._SplitHard`` does; D and d compared bitwise);
+- <P, h> per row in the softmax backward: ``(P * h).sum(-1)`` (used) against ``einsum``, time
+  and the largest error relative to a float64 value, on near-one-hot rows.
 
 Medians of ``--reps`` repetitions, 1 thread. Usage: python bench/scripts/sparse_passes.py [--nodes 1000000]
 Writes bench/results/<UTC date>-<device>-sparse_passes/sparse_passes.md (or --out STEM).
@@ -92,11 +99,56 @@ def main(argv=None):
         assert torch.equal(A.to_sparse_csc().values(), perm)
         assert torch.equal(torch.argsort(col32, stable=True), perm)
         a64 = _ms(lambda: torch.argsort(col, stable=True), r)
-        rows += [(f"transposed pattern, E={col.numel()}: argsort int64 (used)", a64, "1.00x")]
+        rows += [(f"transposed pattern, E={col.numel()}: argsort int64", a64, "1.00x")]
         a32 = _ms(lambda: torch.argsort(col32, stable=True), r)
         csc = _ms(lambda: A.to_sparse_csc(), r)
-    rows += [("transposed pattern: argsort int32", a32, f"{a64 / a32:.2f}x"),
+    rows += [("transposed pattern: argsort int32 (used)", a32, f"{a64 / a32:.2f}x"),
              ("transposed pattern: to_sparse_csc", csc, f"{a64 / csc:.2f}x")]
+
+    k = torch.randint(0, C, (N,), generator=g)
+    flat = S.reshape(-1)
+    pos = torch.add(k.index_select(0, row), col, alpha=C)
+    assert torch.equal(k[col], k.index_select(0, col)) and torch.equal(flat[pos], flat.index_select(0, pos))
+    for name, adv, sel in ((f"gather k[col], [N] -> [E={col.numel()}]", lambda: k[col], lambda: k.index_select(0, col)),
+                           ("gather k[row] (sorted rows)", lambda: k[row], lambda: k.index_select(0, row)),
+                           ("gather D[j, k_i], [N C] -> [E]", lambda: flat[pos], lambda: flat.index_select(0, pos))):
+        t_adv, t_sel = _ms(adv, r), _ms(sel, r)
+        rows += [(f"{name}: advanced indexing", t_adv, "1.00x"), (f"{name}: index_select (used)", t_sel, f"{t_adv / t_sel:.2f}x")]
+
+    top, kk = S.max(-1)
+    assigned = top > 0.5 * float(top.median())  # about half of the rows, whatever C
+
+    def split_onehot():
+        hard = torch.nn.functional.one_hot(kk, C).bool() & assigned[:, None]
+        d = -S.masked_fill(hard, 0.0).sum(-1)
+        return torch.where(hard, d[:, None], S), torch.where(assigned, d, 0.0)
+
+    def split_scatter():
+        D = S.clone()
+        D.scatter_(1, kk[:, None], 0.0)
+        d = D.sum(-1).neg_()
+        D.scatter_(1, kk[:, None], torch.where(assigned, d, top)[:, None])
+        return D, torch.where(assigned, d, 0.0)
+
+    (D1, d1), (D2, d2) = split_onehot(), split_scatter()
+    assert torch.equal(D1, D2) and torch.equal(d1, d2)
+    t1, t2 = _ms(split_onehot, r), _ms(split_scatter, r)
+    rows += [("hard split D = S - H: one-hot, masked_fill, where", t1, "1.00x"),
+             ("hard split: clone + two scatter_ (used)", t2, f"{t1 / t2:.2f}x")]
+
+    P = torch.softmax(8.0 * torch.nn.functional.one_hot(kk, C).float() + torch.randn(N, C, generator=g), -1)
+    h = torch.randn(N, C, generator=g)
+    h -= h.gather(1, kk[:, None])
+    exact = (P.double() * h.double()).sum(-1)
+    scale = (P.double() * h.double()).abs().sum(-1).clamp_min(1e-300)
+
+    def rel(v):
+        return float(((v.double() - exact).abs() / scale).max())
+
+    t_ms, t_es = _ms(lambda: (P * h).sum(-1), r), _ms(lambda: torch.einsum("ij,ij->i", P, h), r)
+    e_ms, e_es = rel((P * h).sum(-1)), rel(torch.einsum("ij,ij->i", P, h))
+    rows += [(f"softmax backward <P, h>: (P * h).sum (used), max error / sum|P h| {e_ms:.1e}", t_ms, "1.00x"),
+             (f"softmax backward <P, h>: einsum, max error / sum|P h| {e_es:.1e}", t_es, f"{t_ms / t_es:.2f}x")]
     out = Path(args.out) if args.out else results_dir("sparse_passes") / "sparse_passes"
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# Single passes of sparse_diff_pool, N={N}, C={C}, 1 thread", "", *header(__file__, argv), "",

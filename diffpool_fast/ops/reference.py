@@ -73,7 +73,8 @@ def per_graph_link_reference(
     """Per-graph normalised link loss: ||A_b - S_b S_b^T||^2 / n_b^2, n_b real nodes of graph b.
 
     Graphs with no real node give 0. This is the normalisation of the original DiffPool code
-    (an average over each graph's real node pairs), applied graph by graph.
+    (an average over each graph's real node pairs), applied graph by graph: pairs with a padded
+    node count nothing, whatever ``adj`` holds there.
     """
     adj = adj.unsqueeze(0) if adj.dim() == 2 else adj
     s = s.unsqueeze(0) if s.dim() == 2 else s
@@ -81,6 +82,9 @@ def per_graph_link_reference(
     S = assignment(s, mask)
     A = adj.to(S.dtype)
     R = A - S @ S.transpose(1, 2)
+    if mask is not None:
+        m = mask.reshape(B, N).to(R.dtype)
+        R = R * (m[:, :, None] * m[:, None, :])
     q = (R * R).sum(dim=(1, 2))
     n = torch.full((B,), N, dtype=q.dtype) if mask is None else mask.reshape(B, N).sum(1).to(q.dtype)
     return torch.where(n > 0, q / n.clamp_min(1) ** 2, torch.zeros_like(q))
