@@ -93,6 +93,26 @@ def _edge_grad(g_adj, edge_index, batch):
     return g_adj[b, i - ptr[b], j - ptr[b]]
 
 
+def _check_equals_dense(x, ei, s, batch, w, B, gen, normalize=True, per_graph=False):
+    """sparse_diff_pool against dense_diff_pool (torch path) on the dense form, float64: the four
+    outputs and the gradients of x, s and edge_weight for random cotangents."""
+    xs, ss, ws = (t.detach().clone().requires_grad_(True) for t in (x, s, w))
+    ours = sparse_diff_pool(xs, ei, ss, batch, ws, normalize, num_graphs=B, per_graph=per_graph)
+    xd, adj, sd, mask = dense_form(x.detach(), ei, s.detach(), batch, w.detach(), B)
+    xd, adj, sd = (t.clone().requires_grad_(True) for t in (xd, adj, sd))
+    ref = dense_diff_pool(xd, adj, sd, mask, normalize, per_graph=per_graph, backend="torch")
+    for name, a, b in zip(("out", "out_adj", "link", "ent"), ours, ref):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+    cot = _weights(ours, gen)
+    gx, gs, gw = torch.autograd.grad(_objective(ours, cot), (xs, ss, ws))
+    gxd, gsd, gadj = torch.autograd.grad(_objective(ref, cot), (xd, sd, adj))
+    torch.testing.assert_close(gx, gxd[mask], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gs, gsd[mask], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gw, _edge_grad(gadj, ei, batch), rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("normalize", MODES)
 @pytest.mark.parametrize("per_graph", [False, True])
 def test_equals_dense_diff_pool_float64(normalize, per_graph):
@@ -101,22 +121,7 @@ def test_equals_dense_diff_pool_float64(normalize, per_graph):
         x, ei, s, batch, w = random_batch(gen)
         extra = trial  # trailing graphs with no nodes
         B = int(batch.max()) + 1 + extra
-        x, s, w = (t.clone().requires_grad_(True) for t in (x, s, w))
-        ours = sparse_diff_pool(x, ei, s, batch, w, normalize, num_graphs=B, per_graph=per_graph)
-
-        xd, adj, sd, mask = dense_form(x.detach(), ei, s.detach(), batch, w.detach(), B)
-        xd, adj, sd = (t.clone().requires_grad_(True) for t in (xd, adj, sd))
-        ref = dense_diff_pool(xd, adj, sd, mask, normalize, per_graph=per_graph, backend="torch")
-        for name, a, b in zip(("out", "out_adj", "link", "ent"), ours, ref):
-            assert a.shape == b.shape, name
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
-
-        cot = _weights(ours, gen)
-        gx, gs, gw = torch.autograd.grad(_objective(ours, cot), (x, s, w))
-        gxd, gsd, gadj = torch.autograd.grad(_objective(ref, cot), (xd, sd, adj))
-        torch.testing.assert_close(gx, gxd[mask], rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(gs, gsd[mask], rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(gw, _edge_grad(gadj, ei, batch), rtol=1e-9, atol=1e-11)
+        _check_equals_dense(x, ei, s, batch, w, B, gen, normalize, per_graph)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -213,19 +218,7 @@ def test_bucket_kinds_float64(symmetric, regime):
         assert float(s.softmax(-1).max()) < 0.5
     B = len(BUCKET_SIZES)
     for per_graph in (False, True):
-        xs, ss, ws = (t.clone().requires_grad_(True) for t in (x, s, w))
-        ours = sparse_diff_pool(xs, ei, ss, batch, ws, per_graph=per_graph)
-        xd, adj, sd, mask = dense_form(x, ei, s, batch, w, B)
-        xd, adj, sd = (t.clone().requires_grad_(True) for t in (xd, adj, sd))
-        ref = dense_diff_pool(xd, adj, sd, mask, per_graph=per_graph, backend="torch")
-        for name, a, b in zip(("out", "out_adj", "link", "ent"), ours, ref):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
-        cot = _weights(ours, gen)
-        gx, gs, gw = torch.autograd.grad(_objective(ours, cot), (xs, ss, ws))
-        gxd, gsd, gadj = torch.autograd.grad(_objective(ref, cot), (xd, sd, adj))
-        torch.testing.assert_close(gx, gxd[mask], rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(gs, gsd[mask], rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(gw, _edge_grad(gadj, ei, batch), rtol=1e-9, atol=1e-11)
+        _check_equals_dense(x, ei, s, batch, w, B, gen, per_graph=per_graph)
 
 
 def test_gram_in_chunks_every_bucket_kind():
