@@ -56,7 +56,8 @@ class BlockSparseAdj:
 
     Attributes: ``shape`` (B, N, N), ``dtype`` (of the values), ``deg`` [B, N, 1] row sums,
     ``sq_norm`` [B] float64 (||A_b||_F^2), ``nnz``. ``mm(X)`` = A X and ``tmm(X)`` = A^T X for
-    X [B, N, K]; ``symmetric=True`` (the caller's promise) makes ``tmm`` use A.
+    X [B, N, K]; ``symmetric=True`` (the caller's promise) makes ``tmm`` use A. ``entries()``:
+    the stored entries as (rows, cols, values) [nnz] in the [B*N, B*N] matrix's coordinates.
     """
 
     def __init__(self, adj: Tensor, dtype: torch.dtype, symmetric: bool = False):
@@ -88,6 +89,11 @@ class BlockSparseAdj:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             return torch.sparse_csr_tensor(crow, cols, vals, (B * N, B * N))
+
+    def entries(self):
+        """(rows, cols, values), each [nnz]: entry A_b[i, j] is at row b*N + i, column b*N + j,
+        sorted by row, then column; the values in ``dtype``."""
+        return self._r, self._c, self._val
 
     def mm(self, X: Tensor) -> Tensor:
         """A X for X [B, N, K]."""

@@ -72,7 +72,7 @@ def _check_targets(adj) -> None:
     """A cross-entropy target is a probability: every entry of adj must lie in [0, 1] (a
     weighted or coarsened adjacency has no BCE link loss; its (1 - A) log(1 - P) term would be
     unbounded below). One pass over adj, no copy."""
-    vals = adj._val if isinstance(adj, BlockSparseAdj) else adj
+    vals = adj.entries()[2] if isinstance(adj, BlockSparseAdj) else adj
     if vals.dtype == torch.bool or vals.numel() == 0:
         return
     lo, hi = torch.aminmax(vals.detach())

@@ -106,14 +106,14 @@ def sparse_rows(adj: BlockSparseAdj, b: int, r0: int, r1: int) -> Tensor:
     """Rows r0:r1 of graph b of a BlockSparseAdj, dense [1, r1 - r0, N] float64."""
     _, N, _ = adj.shape
     lo, hi = b * N + r0, b * N + r1
-    rr = adj._r  # COO coordinates sorted by global row (block_sparse.BlockSparseAdj)
+    rr, cc, vv = adj.entries()  # COO coordinates sorted by global row
     start = int(torch.searchsorted(rr, torch.tensor(lo, device=rr.device)))
     end = int(torch.searchsorted(rr, torch.tensor(hi, device=rr.device)))
     dense = torch.zeros((r1 - r0, N), dtype=_WIDE, device=rr.device)
     if end > start:
         rows = rr[start:end] - lo
-        cols = adj._c[start:end] - b * N
-        dense.index_put_((rows, cols), adj._val[start:end].to(_WIDE), accumulate=True)
+        cols = cc[start:end] - b * N
+        dense.index_put_((rows, cols), vv[start:end].to(_WIDE), accumulate=True)
     return dense.unsqueeze(0)
 
 

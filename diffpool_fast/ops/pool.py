@@ -325,7 +325,7 @@ def padded_pair_sq(adj, mask: Tensor) -> Tensor:
     if isinstance(adj, BlockSparseAdj):
         B, N, _ = adj.shape
         flat = mask.reshape(-1)
-        r, c, val = adj._r, adj._c, adj._val
+        r, c, val = adj.entries()
         at_pad = ~(flat[r] & flat[c])
         sq = torch.where(at_pad, val.to(torch.float64).square(), torch.zeros((), dtype=torch.float64,
                                                                              device=val.device))
