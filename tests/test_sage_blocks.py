@@ -153,3 +153,31 @@ def test_levels_run_their_two_gnns_as_one_node(monkeypatch):
     logits, aux = model(x.detach().float(), adj.float(), mask)
     (logits.sum() + aux).backward()
     assert groups == [2, 2, 1]  # level 0 and level 1 pairs, then the final embedding block
+
+
+@pytest.mark.parametrize("adj_dtype", [torch.bool, torch.uint8, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float64])
+def test_fused_block_adjacency_of_another_dtype(adj_dtype, x_dtype):
+    """An adjacency whose dtype is not x's: the fused block takes the inverse degree in x's dtype,
+    as the layer modules do (it was in A's dtype: half-precision error for a float16 A, a dtype
+    error for a float64 A with float32 x). Weighted float16 entries make the degree inexact in
+    float16, so a degree rounded differently on the two paths would show."""
+    B, N, F = 3, 11, 4
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, N, F, generator=g, dtype=torch.float64).to(x_dtype)
+    a = torch.rand(B, N, N, generator=g) < 0.4
+    adj = (a * torch.rand(B, N, N, generator=g)).to(adj_dtype) if adj_dtype.is_floating_point else a.to(adj_dtype)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, 7:] = False
+    torch.manual_seed(0)
+    ref = DenseGNN(F, 8, 6, layers=2, gnn="sage", jk=True, batch_norm="none").to(x_dtype)
+    ref.fused = False
+    fused = copy.deepcopy(ref)
+    fused.fused = True
+    gout = torch.randn(B, N, ref.out_channels, generator=g, dtype=torch.float64).to(x_dtype)
+    (o1, g1), (o2, g2) = _run(ref, x, adj, mask, gout), _run(fused, x, adj, mask, gout)
+    tol = dict(rtol=1e-5, atol=1e-6) if x_dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(o2, o1, **tol)
+    for name in g1:
+        if g1[name] is not None:
+            torch.testing.assert_close(g2[name], g1[name], **tol, msg=lambda m, n=name: f"{n}: {m}")

@@ -58,7 +58,9 @@ class SageBlocksFunction(torch.autograd.Function):
         per = 5 if use_bn else 3
         m = None if mask is None else mask.reshape(B, N, 1).to(x.dtype)
         sparse = isinstance(adj, BlockSparseAdj)
-        deg = adj.deg if sparse else adj.sum(dim=-1, keepdim=True)
+        # in x's dtype, as DenseSAGE's row sums (an adjacency of another float dtype is summed in
+        # its own dtype, then converted)
+        deg = adj.deg if sparse else adj.sum(dim=-1, keepdim=True).to(x.dtype)
         q = deg.clamp_min(1.0).reciprocal()
         count = float(count)
         need_adj_grad = ctx.needs_input_grad[1]
