@@ -150,7 +150,8 @@ class CoarsenTorchFunction(torch.autograd.Function):
     """(x, adj, s, mask) -> (out, out_adj, link_sq, ent_sum); see ``coarsen_torch``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor], symmetric: bool):
+    def forward(ctx, x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor], symmetric: bool,
+                exact: bool = True):
         dt = compute_dtype(x, s)
         P = torch.softmax(s.to(dt), dim=-1)
         # P * 0 on padded rows: a NaN logit there propagates, as in PyG
@@ -168,9 +169,11 @@ class CoarsenTorchFunction(torch.autograd.Function):
         # Under torch.compile a branch on the flags' values would break the graph: there every
         # graph takes the direct recompute (exact, one more chunked pass over A).
         compiling = torch.compiler.is_compiling()
-        if compiling:
+        if not exact:  # the caller discards link_sq (the BCE link loss): no recompute
+            flags = torch.zeros_like(flags)
+        elif compiling:
             flags = torch.ones_like(flags)
-        if compiling or bool(flags.any()):
+        if exact and (compiling or bool(flags.any())):
             idx = _flagged(flags)
             q_exact, D = link_exact.exact_link(
                 adj, S, list(range(flags.shape[0])) if compiling else idx, want_d=ctx.needs_input_grad[2], symmetric=symmetric,
@@ -191,8 +194,8 @@ class CoarsenTorchFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out, g_out_adj, g_link_sq, g_ent):
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            return _create_graph_backward(ctx, g_out, g_out_adj, g_link_sq, g_ent)
-        return _backward_values(ctx, g_out, g_out_adj, g_link_sq, g_ent)
+            return (*_create_graph_backward(ctx, g_out, g_out_adj, g_link_sq, g_ent), None)
+        return (*_backward_values(ctx, g_out, g_out_adj, g_link_sq, g_ent), None)
 
 
 def _saved(ctx):
@@ -316,7 +319,8 @@ def _create_graph_backward(ctx, g_out, g_out_adj, g_link_sq, g_ent):
 
 
 def coarsen_torch(
-    x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor] = None, adj_symmetric: Optional[bool] = None
+    x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor] = None, adj_symmetric: Optional[bool] = None,
+    exact_link: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """One coarsening step on the PyTorch path; same contract as ``coarsen_reference``.
 
@@ -331,13 +335,16 @@ def coarsen_torch(
     N <= ``SYM_CHECK_MAX_N``, the batch is checked exactly (:func:`all_symmetric`, one read of A)
     and the A^T product is skipped if every graph is symmetric; elsewhere the product is about as
     cheap as the check, and it is made.
+
+    ``exact_link=False``: the caller discards ``link_sq`` (the BCE link loss), so graphs whose
+    identity terms cancel are not recomputed directly; ``link_sq`` is then the identity's value.
     """
     symmetric = bool(adj_symmetric)
     if (adj_symmetric is None and isinstance(adj, Tensor) and adj.device.type == "cpu"
             and s.shape[-1] >= SYM_CHECK_MIN_C and adj.shape[-1] <= SYM_CHECK_MAX_N
             and torch.is_grad_enabled() and s.requires_grad and not torch.compiler.is_compiling()):
         symmetric = all_symmetric(adj)
-    return CoarsenTorchFunction.apply(x, adj, s, mask, symmetric)
+    return CoarsenTorchFunction.apply(x, adj, s, mask, symmetric, exact_link)
 
 
 #: Where ``coarsen_torch`` checks symmetry itself (CPU). The check reads A once with its column

@@ -128,10 +128,11 @@ def _pick_sym(check_sym: bool, sym_known: int, B: int, device) -> Tuple[bool, Op
 @torch.library.custom_op("diffpool_fast::coarsen", mutates_args=())
 def _coarsen_op(
     x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor], check_sym: bool, sym_known: int,
-    precision: str = "tf32x3", num_clusters: Optional[Tensor] = None,
+    precision: str = "tf32x3", num_clusters: Optional[Tensor] = None, exact: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, out_adj, q_raw, ent_sum, S, AS, StS, asym, flags); q_raw is link_sq before the
-    clamp, flags [B] int32 is 1 where q_raw was recomputed directly (``link_exact``)."""
+    clamp, flags [B] int32 is 1 where q_raw was recomputed directly (``link_exact``; never with
+    ``exact=False``, for a caller that discards q_raw)."""
     from ..kernels.adjacency import adjacency_fwd
     from ..kernels.assignment import assignment_fwd
 
@@ -154,6 +155,8 @@ def _coarsen_op(
     sts_sq = StS.to(torch.float64).square().sum(dim=(1, 2))
     q_raw = adj_sq - 2.0 * trace + sts_sq
     flags = link_exact.cancellation_flags(adj_sq, sts_sq, q_raw)
+    if not exact:
+        flags = torch.zeros_like(flags)
     if bool(flags.any()):
         idx = flags.nonzero().squeeze(1)
         q_exact, _ = link_exact.exact_link(adj, S, idx, chunk_bytes=CONVERT_CHUNK_BYTES)
@@ -162,7 +165,7 @@ def _coarsen_op(
 
 
 @_coarsen_op.register_fake
-def _coarsen_fake(x, adj, s, mask, check_sym, sym_known, precision="tf32x3", num_clusters=None):
+def _coarsen_fake(x, adj, s, mask, check_sym, sym_known, precision="tf32x3", num_clusters=None, exact=True):
     B, N, C = s.shape
     F = x.shape[2]
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -279,7 +282,7 @@ def _backward(ctx, g_out, g_out_adj, g_q, g_ent, *unused):
     x, adj, mask, S, AS, StS, asym, flags = ctx.saved_tensors
     need_dx, need_dadj, need_ds = ctx.needs_input_grad[:3]
     if not (need_dx or need_dadj or need_ds):
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     B, N, C = S.shape
     if g_out is None:
         g_out = S.new_zeros((B, C, x.shape[2]))
@@ -294,7 +297,7 @@ def _backward(ctx, g_out, g_out_adj, g_q, g_ent, *unused):
         ctx.s_dtype, need_dx, need_ds, need_dadj, flags, ctx.precision,
     )
     return (dx if need_dx else None, dadj if need_dadj else None, ds if need_ds else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _coarsen_op.register_autograd(_backward, setup_context=_setup_context)
@@ -302,9 +305,10 @@ _coarsen_op.register_autograd(_backward, setup_context=_setup_context)
 
 def coarsen_triton(
     x: Tensor, adj: Tensor, s: Tensor, mask: Optional[Tensor] = None, *,
-    adj_symmetric: Optional[bool] = None, num_clusters: Optional[Tensor] = None,
+    adj_symmetric: Optional[bool] = None, num_clusters: Optional[Tensor] = None, exact_link: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One coarsening step on the Triton kernels; the contract of ``coarsen_torch``.
+    """One coarsening step on the Triton kernels; the contract of ``coarsen_torch`` (``exact_link``
+    as there).
 
     Returns ``(out [B,C,F] fp32, out_adj [B,C,C] fp32, link_sq [B] float64, ent_sum [B]
     float64)``. ``adj_symmetric``: True promises A_b = A_b^T (the backward never reads A for
@@ -316,7 +320,8 @@ def coarsen_triton(
     """
     check_sym = adj_symmetric is None and torch.is_grad_enabled() and s.requires_grad
     sym_known = {None: _SYM_UNKNOWN, False: _SYM_NO, True: _SYM_YES}[adj_symmetric]
-    outs = torch.ops.diffpool_fast.coarsen(x, adj, s, mask, check_sym, sym_known, dot_precision(), num_clusters)
+    outs = torch.ops.diffpool_fast.coarsen(x, adj, s, mask, check_sym, sym_known, dot_precision(), num_clusters,
+                                           exact_link)
     out, out_adj, q_raw, ent_sum = outs[:4]
     # q <= 0 is clamped (with a zero gradient there); NaN passes, with its gradient
     link_sq = torch.where(q_raw <= 0, torch.zeros_like(q_raw), q_raw)

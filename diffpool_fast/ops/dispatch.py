@@ -78,6 +78,7 @@ def coarsen(
     adj_symmetric: Optional[bool] = None,
     adj_op=None,
     num_clusters: Optional[Tensor] = None,
+    exact_link: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-graph coarsening quantities ``(out, out_adj, link_sq, ent_sum)`` on the chosen backend.
 
@@ -86,7 +87,9 @@ def coarsen(
     :class:`diffpool_fast.ops.block_sparse.BlockSparseAdj`, which the torch path then multiplies
     with (the Triton kernels read the dense ``adj``). ``num_clusters`` [B] int64: graph b's softmax
     runs over its first k_b columns, the others of S are exactly 0 (the Triton row pass masks
-    them in the kernel; the torch path sets those logits to -inf first).
+    them in the kernel; the torch path sets those logits to -inf first). ``exact_link=False``: the
+    caller discards ``link_sq`` (the BCE link loss), so no graph gets its direct recompute
+    (``link_exact``) and ``link_sq`` may carry the identity's cancellation.
     """
     chosen = resolve_backend(backend, x.device)
     if chosen == "triton":
@@ -97,6 +100,7 @@ def coarsen(
         reason = coarsen_triton.unsupported_reason(x, adj, s, mask)
         if reason is None:
             return coarsen_triton.coarsen_triton(x, adj, s, mask, adj_symmetric=adj_symmetric,
-                                                 num_clusters=num_clusters)
+                                                 num_clusters=num_clusters, exact_link=exact_link)
         _warn_once(reason, f"diffpool_fast: falling back to the torch path: {reason}")
-    return coarsen_torch(x, adj if adj_op is None else adj_op, mask_logits(s, num_clusters), mask, adj_symmetric)
+    return coarsen_torch(x, adj if adj_op is None else adj_op, mask_logits(s, num_clusters), mask, adj_symmetric,
+                         exact_link)

@@ -174,7 +174,9 @@ def pool_with_adj_op(
     inp = check_pool_inputs(x, adj, s, mask)
     B, N, C = inp.s.shape
     k = check_num_clusters(num_clusters, B, C, inp.s.device)
-    out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend, adj_symmetric, adj_op, k)
+    # the BCE link loss discards link_sq: no direct recompute of graphs whose identity terms cancel
+    out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend, adj_symmetric, adj_op, k,
+                                             exact_link=link_loss != "bce")
     n = node_counts(inp.mask, B, N, link_sq.device)
     result_dtype = torch.promote_types(inp.x.dtype, inp.s.dtype)
     if link_loss == "bce":
