@@ -171,7 +171,7 @@ def test_a_killed_rank_stops_every_rank_clearly_and_resume_continues(tmp_path, c
 
     done = subprocess.run(_cmd(out, "--resume", "--nproc-per-node", "2", "--stop-after", "3"), env=env,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-12000:]
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["runtime"]["world_size"] == 2 and state["epoch"] >= 5
     assert [r["epoch"] for r in state["history"]] == list(range(1, state["epoch"] + 1))

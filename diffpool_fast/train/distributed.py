@@ -263,6 +263,7 @@ class Dist:
         return (loss_sum / max(total, 1), correct / max(total, 1))
 
     def close(self) -> None:
+        """Leaves the process group (after the run's last collective; call ``barrier`` first)."""
         if self.active:
             import torch.distributed as td
 

@@ -545,6 +545,10 @@ def run(args) -> int:
     finally:
         fold_bar.close()
 
+    # every rank is done with collectives: meet once more, then leave the process group together
+    # (a rank that exits while another still has the group open can take that one down with it)
+    dist.barrier()
+    dist.close()
     if not dist.writer:
         return 0
     if stopped:
