@@ -7,6 +7,9 @@ layer (tgp's DiffPool has that layer built in, so every peer gets one). Timed: f
 sparse batch ``x, edge_index, batch`` to the four outputs) + backward of
 ``out.sum() + out_adj.sum() + link + ent`` into x and the Linear layer; the median of ``--reps``
 after one warm-up run (a peer whose warm-up takes over ``--slow`` seconds is run once).
+``--logits converged`` sets x and that layer (ours and tgp's own) so that S is near one-hot on
+every row (``_converged_inputs``): the regime where sparse_diff_pool's link loss takes its hard
+split; the default's random layer leaves every row of S below 1/2.
 
 Peers, each size and thread count in a fresh subprocess:
 
@@ -96,6 +99,24 @@ def case_sizes(N, graphs, seed):
     return [max(2, int(mean * (0.5 + float(r)))) for r in torch.rand(graphs, generator=gen)]
 
 
+def _converged_inputs(sizes, args):
+    """(x, W) for ``--logits converged``: with W = [I; -I] [C, F] (C <= 2F) and no bias, x W^T is
+    10 at column k = (node's block) mod C, 0 or -10 elsewhere, plus N(0, 0.3^2) noise: every row
+    of S near one-hot (the link loss's hard split on every row and edge)."""
+    import torch
+
+    F, C = args.features, args.clusters
+    if C > 2 * F:
+        raise SystemExit(f"--logits converged needs --clusters <= 2 * --features, got {C} and {F}")
+    W = torch.cat([torch.eye(F), -torch.eye(F)])[:C]
+    local = torch.cat([torch.arange(n) for n in sizes])
+    k = (local // args.block) % C
+    x = 0.3 * torch.randn(len(local), F)
+    rows = torch.arange(len(local))
+    x[rows, k % F] += torch.where(k < F, 10.0, -10.0)
+    return x.requires_grad_(True), W
+
+
 def worker(args) -> dict:
     import torch
 
@@ -106,6 +127,12 @@ def worker(args) -> dict:
     torch.manual_seed(args.seed)
     x = torch.randn(N, args.features, requires_grad=True)
     lin = torch.nn.Linear(args.features, args.clusters)
+    W_conv = None
+    if args.logits == "converged":
+        x, W_conv = _converged_inputs(sizes, args)
+        with torch.no_grad():
+            lin.weight.copy_(W_conv)
+            lin.bias.zero_()
     params = [x, *lin.parameters()]
 
     if args.peer == "sparse":
@@ -136,6 +163,11 @@ def worker(args) -> dict:
 
         pooler = DiffPool(in_channels=args.features, k=args.clusters, batched=False, remove_self_loops=False,
                           degree_norm=False)
+        if W_conv is not None:
+            layer = pooler.selector.mlp.lins[0]  # tgp 1.0.2's assignment layer
+            with torch.no_grad():
+                layer.weight.copy_(W_conv)
+                layer.bias.zero_()
         params = [x, *pooler.parameters()]
 
         def step():
@@ -211,6 +243,9 @@ def main(argv=None):
     ap.add_argument("--degree", type=int, default=10)
     ap.add_argument("--block", type=int, default=100)
     ap.add_argument("--p-in", type=float, default=0.8)
+    ap.add_argument("--logits", choices=("linear", "converged"), default="linear",
+                    help="linear: a Linear layer of random x (default; no row of S above 1/2); converged: x and "
+                         "that layer (ours and tgp's built-in one) set so that S is near one-hot on every row")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--slow", type=float, default=60.0, help="a peer whose warm-up exceeds this runs once")
     ap.add_argument("--dense-max-gb", type=float, default=4.0)
@@ -266,7 +301,7 @@ def main(argv=None):
                            "--graphs", str(graphs), "--threads", str(threads), "--features", str(args.features),
                            "--clusters", str(args.clusters), "--degree", str(args.degree), "--block",
                            str(args.block), "--p-in", str(args.p_in), "--reps", str(args.reps), "--slow",
-                           str(args.slow), "--seed", str(args.seed)]
+                           str(args.slow), "--seed", str(args.seed), "--logits", args.logits]
                     env = _env(args.tgp_site if peer == "tgp" else "", threads)
                     row["load_before"] = round(os.getloadavg()[0], 2)
                     t0 = time.perf_counter()
@@ -297,7 +332,7 @@ def main(argv=None):
     lines = ["# sparse_diff_pool scaling", ""] + header(__file__, argv) + [
         f"- peers: {', '.join(peers)}; tgp: {tgp_status}; {_versions(args.tgp_site)}",
         f"- F={args.features}, C={args.clusters}, ~{args.degree} edges per node (SBM-like, blocks of {args.block}, "
-        f"p_in={args.p_in}), fp32, forward+backward, median of {args.reps} after a warm-up "
+        f"p_in={args.p_in}), logits: {args.logits}, fp32, forward+backward, median of {args.reps} after a warm-up "
         f"(one run when the warm-up takes over {args.slow:.0f} s)",
         "- peak = ru_maxrss above the inputs (high-water mark reset after building them), one process per cell;"
         " dense adj = B * N_max^2 * 4 bytes, the dense peers' adjacency alone",
