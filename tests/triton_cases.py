@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from diffpool_fast.profiling.accuracy import two_cliques  # noqa: F401  (the tests take it from here)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -112,15 +114,3 @@ def assert_close_scaled(got, want, tol, name, scale=None):
     assert err <= tol * scale, f"{name}: max error {err:.3e} > {tol:.1e} x scale {scale:.3e}"
 
 
-def two_cliques(scale: float, n: int = 20, dtype=torch.float32, F: int = 3):
-    """Issue 11's case: two n-node cliques (self-loops included), logits = scale * the one-hot of
-    each node's clique. S S^T -> A as the scale grows (scale 12: link 4.9e-4 of terms ~ 3200)."""
-    N = 2 * n
-    adj = torch.zeros(1, N, N)
-    adj[0, :n, :n] = 1
-    adj[0, n:, n:] = 1
-    oh = torch.zeros(1, N, 2)
-    oh[0, :n, 0] = 1
-    oh[0, n:, 1] = 1
-    x = torch.randn(1, N, F, generator=torch.Generator().manual_seed(0))
-    return x.to(dtype), adj.to(dtype), (scale * oh).to(dtype)

@@ -44,21 +44,9 @@ sys.path.insert(0, str(HERE))
 
 from provenance import header, results_dir  # noqa: E402  (bench/scripts/ is on sys.path)
 
+from diffpool_fast.profiling.accuracy import two_cliques  # noqa: E402
+
 U32 = 2.0 ** -24
-
-
-def two_cliques(scale, n=20):
-    import torch
-
-    N = 2 * n
-    adj = torch.zeros(1, N, N)
-    adj[0, :n, :n] = 1
-    adj[0, n:, n:] = 1
-    oh = torch.zeros(1, N, 2)
-    oh[0, :n, 0] = 1
-    oh[0, n:, 1] = 1
-    x = torch.randn(1, N, 3, generator=torch.Generator().manual_seed(0))
-    return x, adj, scale * oh
 
 
 def link_grad(fn, x, adj, s, **kw):

@@ -11,6 +11,26 @@ from .options import Config
 ERROR_NAMES = ["out", "out_adj", "link_loss", "ent_loss", "grad_x", "grad_s"]
 
 
+def two_cliques(scale: float, n: int = 20, dtype=None, F: int = 3):
+    """A near-fit case: two n-node cliques (self-loops included), logits = scale * the one-hot of
+    each node's clique, x [1, 2n, F] standard normal (seed 0); float32 unless ``dtype``. S S^T ->
+    A as the scale grows (scale 12: link 4.9e-4 of terms ~ 3200), so the link identity's terms
+    cancel: the regime ``ops/link_exact.py`` handles. Used by the tests and
+    bench/scripts/link_accuracy.py."""
+    import torch
+
+    dtype = dtype or torch.float32
+    N = 2 * n
+    adj = torch.zeros(1, N, N)
+    adj[0, :n, :n] = 1
+    adj[0, n:, n:] = 1
+    oh = torch.zeros(1, N, 2)
+    oh[0, :n, 0] = 1
+    oh[0, n:, 1] = 1
+    x = torch.randn(1, N, F, generator=torch.Generator().manual_seed(0))
+    return x.to(dtype), adj.to(dtype), (scale * oh).to(dtype)
+
+
 def measure_accuracy(cfg: Config, shape: Shape, backends: Dict[str, Backend]) -> List[Dict[str, object]]:
     """Max error of each backend's outputs and gradients relative to a float64 reference,
     each normalised by the largest magnitude of the reference (same inputs, same upstream
