@@ -14,7 +14,6 @@ Writes bench/results/<UTC date>-<device>-level0_threshold/level0_threshold.{md,c
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from provenance import header, results_dir  # noqa: E402  (bench/scripts/ is on sys.path)
+from provenance import header, results_dir, write_csv  # noqa: E402  (bench/scripts/ is on sys.path)
 
 
 def _dataset(N, B, degree, F, seed):
@@ -110,10 +109,7 @@ def main(argv=None) -> int:
                    "dense_ms": 1e3 * d, "sparse_ms": 1e3 * s, "sparse_over_dense": s / d}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    with open(out / "level0_threshold.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "level0_threshold.csv", rows)
     (out / "level0_threshold.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
     lines = header(__file__, sys.argv[1:]) + [
         "", f"One training step (collate, forward, backward, Adam), batch of {a.batch} graphs of n in "

@@ -26,7 +26,6 @@ identity_error.csv, cost.csv); the reading is bench/notes/link_accuracy.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import os
 import statistics
@@ -42,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-from provenance import header, results_dir  # noqa: E402  (bench/scripts/ is on sys.path)
+from provenance import header, results_dir, write_csv  # noqa: E402  (bench/scripts/ is on sys.path)
 
 from diffpool_fast.profiling.accuracy import two_cliques  # noqa: E402
 
@@ -226,12 +225,7 @@ def cost_rows(reps: int, threads: int, ref_rev: str):
 
 
 def _write_csv(path, rows, head):
-    with open(path, "w", newline="") as f:
-        for line in head:
-            f.write("# " + line.lstrip("- ") + "\n")
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, rows, comments=[line.lstrip("- ") for line in head])
 
 
 def main(argv=None):

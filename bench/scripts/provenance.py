@@ -9,13 +9,14 @@ with ``header``'s lines. bench/README.md states the rule.
 """
 from __future__ import annotations
 
+import csv
 import os
 import platform
 import re
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -58,6 +59,17 @@ def results_dir(name: str, device: Optional[str] = None, create: bool = True) ->
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_csv(path, rows: List[Dict], fields: Optional[Sequence[str]] = None, comments: Sequence[str] = ()) -> None:
+    """``rows`` as CSV at ``path``: ``comments`` first as ``# `` lines, then a header of ``fields``
+    (default: the first row's keys; keys outside ``fields`` are dropped) and the rows."""
+    with open(path, "w", newline="") as f:
+        for line in comments:
+            f.write("# " + line + "\n")
+        w = csv.DictWriter(f, fieldnames=list(fields or rows[0]), extrasaction="ignore" if fields else "raise")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def header(script: str, argv: Optional[List[str]] = None) -> List[str]:

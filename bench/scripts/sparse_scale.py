@@ -43,7 +43,6 @@ bench/results/<date>-<device>-sparse_scale/ (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import os
@@ -263,7 +262,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(worker(args)))
         return
 
-    from provenance import header, results_dir
+    from provenance import header, results_dir, write_csv
 
     out_dir = Path(args.out) if args.out else results_dir("sparse_scale")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -325,10 +324,7 @@ def main(argv=None):
 
     fields = ["threads", "case", "nodes", "B", "N_max", "E", "peer", "status", "median_s", "min_s", "reps",
               "peak_mb", "dense_adj_gb", "wall_s", "load_before", "load_after"]
-    with open(out_dir / "sparse_scale.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out_dir / "sparse_scale.csv", rows, fields)
     lines = ["# sparse_diff_pool scaling", ""] + header(__file__, argv) + [
         f"- peers: {', '.join(peers)}; tgp: {tgp_status}; {_versions(args.tgp_site)}",
         f"- F={args.features}, C={args.clusters}, ~{args.degree} edges per node (SBM-like, blocks of {args.block}, "

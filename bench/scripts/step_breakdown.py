@@ -27,7 +27,6 @@ Writes bench/results/<UTC date>-<device>-step_breakdown/step_breakdown.{csv,md} 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -164,14 +163,11 @@ def main(argv=None):
         row["level2_width_mean"] = statistics.mean(w[1] for w in widths[name])
         rows.append(row)
     sys.path.insert(0, str(HERE))
-    from provenance import header, results_dir  # bench/scripts/
+    from provenance import header, results_dir, write_csv  # bench/scripts/
 
     out = Path(args.out) if args.out else results_dir("step_breakdown") / "step_breakdown"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out.with_suffix(".csv"), rows)
     lines = ["# Training-step breakdown: fixed vs per-graph clusters (PROTEINS <= 150 nodes, bucketed batches)", "",
              *header(__file__, argv), f"- torch threads: {args.threads}", "",
              "Milliseconds per step (batch of 20), mean over the timed batches; each stage replayed alone, forward "

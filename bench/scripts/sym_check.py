@@ -12,7 +12,6 @@ Writes bench/results/<UTC date>-<device>-sym_check/sym_check.{csv,md} (or --out 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ def main(argv=None):
     from diffpool_fast.ops.coarsen_torch import SYM_CHECK_MIN_C, all_symmetric
 
     sys.path.insert(0, str(HERE))
-    from provenance import header, results_dir  # bench/scripts/
+    from provenance import header, results_dir, write_csv  # bench/scripts/
 
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -81,10 +80,7 @@ def main(argv=None):
         print(rows[-1], file=sys.stderr)
     out = Path(args.out) if args.out else results_dir("sym_check") / "sym_check"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out.with_suffix(".csv"), rows)
     cols = list(rows[0])
     lines = ["# Symmetry check vs the A^T S product (torch path, float32, symmetric adjacency)", "",
              *header(__file__, argv), "",

@@ -44,7 +44,6 @@ STEM.md instead. The reading of the recorded run is bench/notes/train_speed.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import shutil
@@ -262,18 +261,12 @@ def main(argv=None):
                      "step_ms": 1e3 * sum(seconds[p]) / (sum(graphs[p]) / B),
                      "matmul_peak_gflops": peak / 1e9,
                      "threads": args.threads, "command": command, "machine": machine, "versions": versions})
-    if args.out:
-        out = Path(args.out)
-    else:
-        sys.path.insert(0, str(HERE))
-        from provenance import results_dir  # bench/scripts/
+    sys.path.insert(0, str(HERE))
+    from provenance import results_dir, write_csv  # bench/scripts/
 
-        out = results_dir("train_speed") / "train_speed"
+    out = Path(args.out) if args.out else results_dir("train_speed") / "train_speed"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out.with_suffix(".csv"), rows)
     lines = [
         "# Training throughput: PyG's DiffPool example vs DiffPoolClassifier",
         "",
