@@ -33,7 +33,6 @@ from pathlib import Path
 from ..config import triton_interpreting
 from ..errors import UsageError
 from ..profiling import provenance
-from ..profiling.provenance import auto_threads  # noqa: F401  (its home before it was shared)
 from . import distributed, resume
 from .checkpoint import (
     CHECKPOINT,
@@ -95,6 +94,44 @@ def _adam(model, lr, weight_decay):
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+#: ``train``'s torch thread count without ``--threads``: the CPUs this process may use, at most
+#: this many. A fixed rule, never the machine's load: the thread count changes the summation
+#: order of the CPU kernels, so a run's numbers depend on it (the README's main command gave
+#: 85.00% at 2 threads and 90.00% at 1), and a fixed-seed command must give one result.
+DEFAULT_MAX_THREADS = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> tuple:
+    """``(threads, source)`` when ``--threads`` is not given: ``OMP_NUM_THREADS`` when it is set
+    to a positive integer (the user's choice), else ``min(usable CPUs, DEFAULT_MAX_THREADS)``."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    cpus = usable_cpus()
+    return min(cpus, DEFAULT_MAX_THREADS), f"default: min(usable CPUs {cpus}, {DEFAULT_MAX_THREADS})"
+
+
+def set_threads(requested) -> str:
+    """Set torch's CPU threads for the run: ``--threads`` (or, on --resume, the run's count),
+    else :func:`default_threads`. Returns where the count came from (results.json records it)."""
+    import torch
+
+    if requested is not None:
+        torch.set_num_threads(int(requested))
+        return "--threads"
+    n, source = default_threads()
+    torch.set_num_threads(n)
+    return source
+
+
 def _seed_for(seed: int, fold: int, epoch: int) -> int:
     # Distinct, reproducible streams per (fold, epoch); epoch -1 is the fold's initialisation.
     return (int(seed) * 1_000_003 + (fold + 1) * 10_007 + (epoch + 2)) % (2**63 - 1)
@@ -105,12 +142,15 @@ def _run_config(args) -> dict:
 
 
 def _versions() -> dict:
-    """The installed versions ``diffpool-fast profile`` records, and numpy's."""
+    """The installed versions ``diffpool-fast profile`` records, and numpy's; torch's as the
+    running build names itself (``torch.__version__``, with its local tag such as ``+cu130`` or
+    ``+cpu``, which the distribution metadata leaves out)."""
     import numpy as np
+    import torch
 
     from ..profiling.provenance import versions
 
-    return {**versions(), "numpy": np.__version__}
+    return {**versions(), "torch": torch.__version__, "numpy": np.__version__}
 
 
 def _machine(device) -> dict:
@@ -138,55 +178,96 @@ def _build_model(cfg: dict, ds):
 
 
 def _evaluate(model, loader, device):
+    """(mean loss, accuracy) over ``loader``. The sums stay on the device and are read once, at
+    the end: no host sync per batch."""
     import torch
     import torch.nn.functional as F
 
     from ..sparse_data import model_inputs
 
     model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, graphs
     with torch.no_grad():
         for b in loader.epoch():
             b = b.to(device)
             inputs, kw = model_inputs(b)  # a dense or a sparse (edge-list) batch: --level0
             logits, _ = model(*inputs, **kw)
-            loss_sum += float(F.cross_entropy(logits, b.y, reduction="sum"))
-            correct += int((logits.argmax(-1) == b.y).sum())
-            total += b.y.numel()
-    return (loss_sum / max(total, 1), correct / max(total, 1))
+            loss = F.cross_entropy(logits, b.y, reduction="sum")
+            correct = (logits.argmax(-1) == b.y).sum()
+            sums += torch.stack([loss.to(torch.float64), correct.to(torch.float64),
+                                 torch.full((), b.y.numel(), dtype=torch.float64, device=sums.device)])
+    loss_sum, correct, total = sums.tolist()
+    total = int(total)
+    return (loss_sum / max(total, 1), int(correct) / max(total, 1))
 
 
-def _train_epoch(model, opt, loader, epoch, device, clip):
+#: entries of a training step's statistics vector (float64, on the device): the step's loss,
+#: cross-entropy, link and entropy terms each times its graphs, its correct predictions, its
+#: graphs, and 1 when its loss is not finite
+STEP_STATS = ("loss", "ce", "link", "ent", "correct", "graphs", "nonfinite")
+
+
+def step_stats(loss, ce, terms, logits, y):
+    """The :data:`STEP_STATS` vector of one step, computed on the device (no host sync). The
+    products and sums are the float64 arithmetic ``float(loss) * n`` did on the host, so the
+    epoch's numbers are bit for bit the same."""
+    import torch
+
+    n = y.numel()
+    parts = torch.stack([t.detach().to(torch.float64) for t in (loss, ce, terms["link"], terms["ent"])])
+    correct = (logits.detach().argmax(-1) == y).sum().to(torch.float64)
+    bad = (~torch.isfinite(loss.detach())).to(torch.float64)
+    return torch.cat([parts * n, torch.stack([correct, correct.new_full((), n), bad])])
+
+
+def train_step(model, opt, b, clip):
+    """One training step on batch ``b`` (already on the model's device): forward, backward,
+    clipping, optimizer step. Returns its :data:`STEP_STATS` vector (on the device). A
+    non-finite loss is not checked here (that would be a host sync per step): the epoch reads
+    the flags once at its end."""
     import torch
     import torch.nn.functional as F
 
     from ..sparse_data import model_inputs
 
+    opt.zero_grad(set_to_none=True)
+    inputs, kw = model_inputs(b)  # a dense or a sparse (edge-list) batch: --level0
+    logits, aux, terms = model(*inputs, **kw, return_terms=True)
+    ce = F.cross_entropy(logits, b.y)
+    loss = ce + aux
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return step_stats(loss, ce, terms, logits, b.y)
+
+
+def _train_epoch(model, opt, loader, epoch, device, clip, steps=None):
+    """One epoch; returns its mean loss, terms and accuracy. Every step's statistics are added
+    on the device and read once at the end (one host sync per epoch, none per step). A
+    non-finite loss raises ``FloatingPointError`` at the end of the epoch, naming its first
+    step; the run's checkpoint still holds the epochs before. ``steps``: a
+    :class:`~diffpool_fast.train.cuda_graphs.GraphSteps` that runs the batches it can as
+    captured CUDA graphs (None: every step is :func:`train_step`)."""
+    import torch
+
     model.train()
-    sums = {"loss": 0.0, "ce": 0.0, "link": 0.0, "ent": 0.0}
-    correct = total = 0
-    for b in loader.epoch(epoch):
+    sums = torch.zeros(len(STEP_STATS), dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    for i, b in enumerate(loader.epoch(epoch)):
         b = b.to(device)
-        opt.zero_grad(set_to_none=True)
-        inputs, kw = model_inputs(b)  # a dense or a sparse (edge-list) batch: --level0
-        logits, aux, terms = model(*inputs, **kw, return_terms=True)
-        ce = F.cross_entropy(logits, b.y)
-        loss = ce + aux
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch + 1}")
-        loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        n = b.y.numel()
-        total += n
-        sums["loss"] += float(loss.detach()) * n
-        sums["ce"] += float(ce.detach()) * n
-        sums["link"] += float(terms["link"].detach()) * n
-        sums["ent"] += float(terms["ent"].detach()) * n
-        correct += int((logits.detach().argmax(-1) == b.y).sum())
-    out = {k: v / max(total, 1) for k, v in sums.items()}
-    out["acc"] = correct / max(total, 1)
+        stats = train_step(model, opt, b, clip) if steps is None else steps.step(b)
+        sums += stats
+        first_bad = torch.where((first_bad < 0) & (stats[-1] > 0), i, first_bad)
+    *vals, bad = sums.tolist()
+    out = dict(zip(STEP_STATS, vals))
+    if bad:
+        raise FloatingPointError(f"non-finite loss in {int(bad)} step(s) of epoch {epoch + 1}, first at step "
+                                 f"{int(first_bad) + 1}")
+    total = max(int(out.pop("graphs")), 1)
+    correct = int(out.pop("correct"))
+    out = {k: v / total for k, v in out.items()}
+    out["acc"] = correct / total
     return out
 
 
@@ -408,7 +489,9 @@ def run(args) -> int:
         print("diffpool-fast train: warning: --norm batch with size-bucketed batches: each batch's statistics "
               "come from graphs of one size, which biases them when the class correlates with size; "
               "consider --no-bucket or --norm none", file=sys.stderr)
-    provenance.fit_threads_to_load("train", args.threads, warn=False)
+    threads_source = set_threads(args.threads)
+    if state is not None and args.threads is not None and "threads" not in (getattr(args, "explicit", None) or ()):
+        threads_source = "the resumed run's count"  # resume.keep_runtime set args.threads to it
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -568,7 +651,7 @@ def run(args) -> int:
         "model": {"clusters": cfg["clusters"] or cluster_counts(ds.max_nodes, cfg["levels"], cfg["ratio"]), "max_nodes": ds.max_nodes},
         **meta,
         "dataset_fingerprint": fp,
-        "machine": _machine(device),
+        "machine": {**_machine(device), "threads_source": threads_source},
         "versions": _versions(),
         "command": state["runtime"].get("command"),
     }
