@@ -10,6 +10,7 @@ from diffpool_fast.profiling.costmodel import Shape
 from diffpool_fast.profiling.harness import make_backend
 from diffpool_fast.profiling.memory import cpu_peak_supported, cpu_peaks_subprocess
 from diffpool_fast.profiling.options import build_config, clusters_for, parse_bytes
+from diffpool_fast.profiling.report import ERROR_COLUMNS
 
 MiB = 1 << 20
 needs_proc = pytest.mark.skipif(cpu_peak_supported() is not None, reason="needs Linux /proc")
@@ -249,7 +250,7 @@ def test_gpu_script_command_line_parses():
         "profile --device cpu --backend all --mode fwd,bwd,full --batch 64 "
         "--nodes 128,256,512,1024,2048 --clusters 128 --features 128 --out /tmp/x".split())
     cfg = build_config(args)
-    assert cfg.backends == ["torch", "pyg", "compile", "triton"]
+    assert cfg.backends == ["torch", "pyg", "pyg-compiled", "triton"]  # "compile" is the older name
     assert cfg.modes == ["fwd", "bwd", "full"]
     assert [s.nodes for s in cfg.shapes] == [128, 256, 512, 1024, 2048]
     assert all(s.clusters == 128 and s.batch == 64 and s.features == 128 for s in cfg.shapes)
@@ -349,3 +350,172 @@ def test_a_busy_machine_lowers_the_threads_and_is_recorded(tmp_path, capsys, mon
         assert {r["threads"] for r in _rows(tmp_path / "b" / "profile.csv")} == {"3"}
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------ the op table (issue 19)
+
+OP_TABLE = ["profile", "--device", "cpu", "--mode", "full", "--repeats", "2", "--warmup", "1", "--no-memory"]
+
+
+def test_op_table_shapes_precisions_auto_and_errors(tmp_path, capsys, idle_machine):
+    out = tmp_path / "ops"
+    rc = cli.main(OP_TABLE + ["--backend", "pyg,auto,torch,triton", "--shapes", "3x24x6x8,3x24x6x8:converged,2x20x4x5:bool",
+                              "--precision", "highest,high", "--accuracy", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    rows = _rows(out / "profile.csv")
+    assert len(rows) == 3 * 2 * 4  # shapes x precisions x backends
+    cases = {(r["batch"], r["nodes"], r["clusters"], r["features"], r["adj_dtype"], r["logits"]) for r in rows}
+    assert cases == {("3", "24", "6", "8", "float32", "random"), ("3", "24", "6", "8", "float32", "converged"),
+                     ("2", "20", "4", "5", "bool", "random")}
+    assert {r["precision"] for r in rows} == {"highest", "high"}
+    for r in rows:
+        if r["backend"] == "triton":
+            assert r["status"] == "skipped" and all(r[c] == "" for c in ERROR_COLUMNS)
+            continue
+        assert r["status"] == "ok", r
+        # auto is labelled with the path it took, and why
+        assert r["path"] == ("torch" if r["backend"] == "auto" else r["backend"])
+        if r["backend"] == "auto":
+            assert r["dispatch"] == "not CUDA (cpu)"
+        errs = {c: float(r[c]) for c in ERROR_COLUMNS}
+        # float32 against float64: small, but measured (not zero); near convergence the link
+        # loss and the gradient of s lose digits to cancellation, in PyG's formulas too
+        bound = 1e-4 if r["logits"] == "random" else 1e-2
+        assert all(e < bound for e in errs.values()), (r["backend"], r["logits"], errs)
+        assert errs["err_out_adj"] > 0
+        if r["backend"] == "pyg":
+            assert float(r["speedup_vs_pyg"]) == 1.0
+    md = (out / "profile.md").read_text()
+    for block in ("### B=3 N=24 C=6 F=8 adj=float32 prec=highest\n", "### B=3 N=24 C=6 F=8 adj=float32 prec=high converged\n",
+                  "### B=2 N=20 C=4 F=5 adj=bool prec=high\n"):
+        assert block in md and block.strip() in printed, block
+    assert "| ours (auto: torch) |" in md and "rel err out" in md
+    assert "- ours (auto: torch): not CUDA (cpu)" in md
+    assert "command: `diffpool-fast profile" in md and "versions:" in md and "Measured in" in md
+    acc = _rows(out / "accuracy.csv")
+    assert len(acc) == 3 * 2 * 3 and all(r["err_link"] for r in acc)
+
+
+def test_error_columns_see_a_wrong_backend(monkeypatch):
+    """The error measurement is not vacuous: a backend that is 1% off in out and 2x off in the
+    link loss shows it."""
+    from diffpool_fast.profiling.accuracy import measure_errors, reference
+    from diffpool_fast.profiling.harness import make_inputs
+
+    inp = make_inputs(Shape(2, 16, 4, 3), "cpu", seed=3)
+    good = make_backend("torch", "cpu").fn
+
+    def wrong(x, adj, s, mask):
+        out, out_adj, link, ent = good(x, adj, s, mask)
+        return out * 1.01, out_adj, link * 2, ent
+
+    ref = reference(inp)
+    ok, bad = measure_errors(good, inp, ref), measure_errors(wrong, inp, ref)
+    assert ok["err_out"] < 1e-6 and bad["err_out"] == pytest.approx(0.01, rel=1e-3)
+    assert bad["err_link"] == pytest.approx(1.0, rel=1e-3) and bad["err_out_adj"] == ok["err_out_adj"]
+
+
+def test_converged_inputs_are_near_a_fit():
+    """s = 12 one-hot + 0.1 noise and adj = the same-cluster pattern: S S^T is close to A on real
+    nodes (the regime where the link identity cancels)."""
+    from diffpool_fast.profiling.harness import make_inputs
+
+    inp = make_inputs(Shape(3, 40, 8, 4, logits="converged"), "cpu", seed=1)
+    S = torch.softmax(inp.s.detach(), -1) * inp.mask[..., None]
+    A = inp.adj
+    hard = inp.s.detach().argmax(-1)
+    same = (hard[:, :, None] == hard[:, None, :]) & inp.mask[:, :, None] & inp.mask[:, None, :]
+    assert torch.equal(A.bool(), same)  # the pattern of the clusters the logits point at
+    assert float((A - S @ S.mT).norm() / A.norm()) < 1e-3
+    assert float(S.max(-1).values[inp.mask].min()) > 0.99
+    rand = make_inputs(Shape(3, 40, 8, 4), "cpu", seed=1)
+    assert float((rand.adj - torch.softmax(rand.s.detach(), -1) @ torch.softmax(rand.s.detach(), -1).mT).norm()
+                 / rand.adj.norm()) > 0.5
+
+
+def test_pyg_compiled_is_compiled_per_shape_and_timed_apart(tmp_path, idle_machine):
+    if not make_backend("pyg-compiled", "cpu").available:
+        pytest.skip("torch.compile does not run here")
+    out = tmp_path / "c"
+    # "compile" is the older name of the same provider
+    rc = cli.main(OP_TABLE + ["--backend", "pyg,compile", "--shapes", "2x16x4x4,2x24x4x4", "--compile-limit", "1",
+                              "--out", str(out)])
+    assert rc == 0
+    rows = {(r["backend"], r["nodes"]): r for r in _rows(out / "profile.csv")}
+    first, second = rows["pyg-compiled", "16"], rows["pyg-compiled", "24"]
+    assert first["status"] == "ok" and float(first["compile_s"]) > 0 and float(first["time_ms"]) > 0
+    assert second["status"] == "skipped" and "--compile-limit 1" in second["reason"] and second["compile_s"] == ""
+    assert "torch.compile(PyG): compiled in" in (out / "profile.md").read_text()
+
+
+def test_dispatch_cases_take_full_rows_of_both_paths_under_highest():
+    from diffpool_fast.profiling.run import dispatch_cases
+
+    def rec(backend, ms, prec="highest", mode="full", status="ok", nodes=512):
+        return {"backend": backend, "mode": mode, "status": status, "precision": prec, "time_ms": str(ms),
+                "batch": 64, "nodes": nodes, "clusters": 128, "features": 128, "dtype": "float32",
+                "adj_dtype": "float32", "logits": "random"}
+
+    records = [rec("torch", 2.0), rec("triton", 1.0), rec("pyg", 3.0), rec("auto", 1.1),
+               rec("torch", 9.0, prec="high"), rec("triton", 0.1, mode="fwd"), rec("torch", 5.0, nodes=64),
+               rec("triton", 5.0, nodes=64, status="error")]
+    cases, prec = dispatch_cases(records)
+    assert prec == "highest"
+    by_n = {c["nodes"]: c for c in cases}
+    assert by_n[512]["torch_ms"] == 2.0 and by_n[512]["triton_ms"] == 1.0 and by_n[512]["pyg_ms"] == 3.0
+    assert "triton_ms" not in by_n[64]  # the failed run is not a time
+    cases, prec = dispatch_cases([r for r in records if r["precision"] == "high"])
+    assert prec == "high" and cases[0]["torch_ms"] == 9.0
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--shapes", "64x512x128"], ["--shapes", "BxNxCxF", "64x512x128"]),
+        (["--shapes", "4x16x32x8"], ["--shapes", "C=32", "N=16"]),
+        (["--shapes", "4x16x0x8"], ["--shapes", "C must be at least 1"]),
+        (["--shapes", "4x16x4x8:sideways"], ["--shapes", "suffix", "sideways"]),
+        (["--shapes", "4x16x4x8", "--nodes", "32"], ["--shapes", "--nodes"]),
+        (["--logits", "converged,noisy"], ["--logits", "noisy"]),
+        (["--precision", "highest,ultra"], ["--precision", "ultra"]),
+        (["--compile-limit", "-1"], ["--compile-limit", "-1"]),
+        (["--write-dispatch", "t.json"], ["--write-dispatch", "--device cuda"]),
+        (["--backend", "torch,pyg-compiled,jax"], ["backend", "jax"]),
+    ],
+)
+def test_op_table_arguments_are_checked(argv, words, capsys, tmp_path):
+    rc = cli.main(["profile", "--device", "cpu", "--out", str(tmp_path / "x")] + argv)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffpool-fast profile: error:") and len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_write_dispatch_writes_this_capability_from_the_measured_rows(tmp_path, monkeypatch):
+    """The writer of --write-dispatch, fed the records a CUDA run makes (no GPU here)."""
+    from diffpool_fast.ops import dispatch_table
+    from diffpool_fast.profiling.run import write_dispatch
+
+    def rec(backend, ms, nodes):
+        return {"backend": backend, "mode": "full", "status": "ok", "precision": "highest", "time_ms": str(ms),
+                "batch": 64, "nodes": nodes, "clusters": 100, "features": 128, "dtype": "float32",
+                "adj_dtype": "bool", "logits": "random"}
+
+    records = [rec("torch", 2.0, 512), rec("triton", 1.0, 512), rec("pyg", 1.5, 512),
+               rec("torch", 2.0, 1000), rec("triton", 3.0, 1000)]
+    path = tmp_path / "table.json"
+    cfg = build_config(cli.build_parser().parse_args(["profile", "--device", "cpu", "--out", str(tmp_path / "o")]))
+    cfg.write_dispatch = str(path)
+    text, ok = write_dispatch(cfg, records, {"capability": "8.6", "device": "NVIDIA Fake", "git": "abc1234"},
+                              {"python": "3", "torch": "2", "triton": "3", "torch_geometric": "2"})
+    assert ok and "| 512 | 128 | 128 | float32 / bool | triton |" in text
+    data = dispatch_table.read(str(path))
+    section = data["capabilities"]["8.6"]
+    assert section["provisional"] is False and section["commit"] == "abc1234" and section["device"] == "NVIDIA Fake"
+    choices, _ = dispatch_table.parse(data)
+    assert choices[(8, 6)] == {(512, 128, 128, "float32", "bool"): "triton", (1024, 128, 128, "float32", "bool"): "torch"}
+    # nothing to compare: not written, and said so
+    text, ok = write_dispatch(cfg, [rec("torch", 2.0, 512)], {"capability": "8.6", "device": "x"}, {})
+    assert not ok and "NOT written" in text

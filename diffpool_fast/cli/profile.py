@@ -7,7 +7,7 @@ them, so that a Python caller of the library gets the same checks, and a bad val
 """
 from __future__ import annotations
 
-from ..profiling.costmodel import ADJ_DTYPES, FLOAT_DTYPES, PROFILE_BACKENDS
+from ..profiling.costmodel import ADJ_DTYPES, ALL_BACKENDS, FLOAT_DTYPES, LOGITS, PROFILE_BACKENDS
 
 
 def register(sub) -> None:
@@ -16,19 +16,31 @@ def register(sub) -> None:
         help="time, throughput and peak memory of dense coarsening, backend by backend",
         description=_description(),
     )
-    p.add_argument("--batch", type=int, default=16, help="graphs per batch (default: %(default)s)")
-    p.add_argument("--nodes", default="128,256,512,1024",
-                   help="padded nodes per graph: one value or a comma list (default: %(default)s)")
-    p.add_argument("--clusters", default="0.25",
-                   help="clusters: a count (128) or a ratio of nodes (0.25); at most --nodes (default: %(default)s)")
-    p.add_argument("--features", type=int, default=64, help="features per node (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=None, help="graphs per batch (default: 16)")
+    p.add_argument("--nodes", default=None,
+                   help="padded nodes per graph: one value or a comma list (default: 128,256,512,1024)")
+    p.add_argument("--clusters", default=None,
+                   help="clusters: a count (128) or a ratio of nodes (0.25); at most --nodes (default: 0.25)")
+    p.add_argument("--features", type=int, default=None, help="features per node (default: 64)")
+    p.add_argument("--shapes", default=None, metavar="BxNxCxF,...",
+                   help="explicit shapes instead of --batch/--nodes/--clusters/--features, e.g. 64x512x128x128,256x128x32x64; "
+                        "a suffix :converged or :random fixes that shape's logits, :bool (or another dtype) its adjacency "
+                        "dtype, e.g. 64x512x128x128:converged (default: off)")
+    p.add_argument("--logits", default="random",
+                   help=f"generated assignment logits, {' or '.join(LOGITS)} or both comma-separated: converged = 12 one-hot + "
+                        "0.1 noise with a same-cluster adjacency (default: %(default)s)")
+    p.add_argument("--precision", default=None,
+                   help="torch.set_float32_matmul_precision settings to measure each shape under, e.g. highest,high; a "
+                        "precision column in the CSV (default: leave the setting in force, and record it)")
     p.add_argument("--dtype", default="float32",
                    help=f"x and s dtype: {', '.join(FLOAT_DTYPES)} (default: %(default)s)")
     p.add_argument("--adj-dtype", default="same",
                    help=f"adjacency dtype: same (as --dtype) or one of {', '.join(ADJ_DTYPES)} (default: %(default)s)")
     p.add_argument("--mode", default="full", help="fwd, bwd, full, or a comma list (default: %(default)s)")
     p.add_argument("--backend", default="all",
-                   help=f"{', '.join(PROFILE_BACKENDS)}, all, or a comma list (default: %(default)s)")
+                   help=f"{', '.join(PROFILE_BACKENDS)}, all ({','.join(ALL_BACKENDS)}), or a comma list; auto = "
+                        "dense_diff_pool's default backend, labelled with the path it picked; pyg-compiled (or compile) = "
+                        "torch.compile of PyG, compiled once per shape and precision, compile time reported apart (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda when available (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per backend (default: %(default)s)")
@@ -46,7 +58,15 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="output folder (default: runs/profile-<time>)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (default: measure it)")
     p.add_argument("--accuracy", action="store_true",
-                   help="also measure each backend's error against a float64 reference (default: off)")
+                   help="also measure each backend's relative Frobenius error (out, out_adj, link, ent, grad x, grad s) "
+                        "against PyG's formulas in float64 on the same inputs: error columns and accuracy.csv (default: off)")
+    p.add_argument("--compile-limit", type=int, default=None, metavar="K",
+                   help="compile PyG (pyg-compiled) for the first K shapes only, the others skipped with a note; "
+                        "each compile takes seconds (default: every shape)")
+    p.add_argument("--write-dispatch", default=None, metavar="PATH",
+                   help="write the faster of ours (torch, triton) per shape bucket, from the full-mode timings, into the "
+                        "dispatch table at PATH as this GPU capability's section (diffpool_fast/ops/dispatch_table.json is "
+                        "the one the package reads); needs --device cuda, --mode full, --backend with torch and triton (default: off)")
     p.add_argument("--max-batch", default=None, metavar="BYTES",
                    help="also find the largest batch each backend fits in BYTES, e.g. 8GiB (default: off)")
     p.add_argument("--peak-bandwidth", type=float, default=None, metavar="GB/s",

@@ -1,11 +1,15 @@
-"""``diffpool-fast profile --accuracy``: each backend's error against a float64 reference."""
+"""``diffpool-fast profile --accuracy``: each backend's error against a float64 reference.
+
+The reference is PyG's formulas (``ops.reference``) run in float64 on the very inputs the
+timings used, with the same upstream gradients; the error of each output and input gradient is
+the relative Frobenius norm ||got - ref||_F / ||ref||_F (for the two scalar losses |got - ref| /
+|ref|), as in the first GPU run's op table.
+"""
 from __future__ import annotations
 
 from typing import Dict, List
 
-from .costmodel import Shape
-from .harness import BACKEND_LABELS, Backend, backward, first_line, forward, make_inputs
-from .options import Config
+from .harness import BACKEND_LABELS, Inputs, backward, forward
 
 #: the compared tensors: the four outputs of dense_diff_pool, then the two input gradients
 ERROR_NAMES = ["out", "out_adj", "link_loss", "ent_loss", "grad_x", "grad_s"]
@@ -31,59 +35,81 @@ def two_cliques(scale: float, n: int = 20, dtype=None, F: int = 3):
     return x.to(dtype), adj.to(dtype), (scale * oh).to(dtype)
 
 
-def measure_accuracy(cfg: Config, shape: Shape, backends: Dict[str, Backend]) -> List[Dict[str, object]]:
-    """Max error of each backend's outputs and gradients relative to a float64 reference,
-    each normalised by the largest magnitude of the reference (same inputs, same upstream
-    gradients)."""
+#: the error columns of profile.csv for ERROR_NAMES, in order
+ERROR_COLUMNS = ["err_out", "err_out_adj", "err_link", "err_ent", "err_grad_x", "err_grad_s"]
+
+
+def reference(inp: Inputs):
+    """PyG's formulas in float64 on these inputs, with their upstream gradients: the six tensors
+    of ERROR_NAMES. One forward+backward, computed on the inputs' device."""
     import torch
 
     from ..ops.reference import dense_diff_pool_reference
 
-    inp = make_inputs(shape, cfg.device, cfg.seed + 1, cfg.density)
     x64 = inp.x.detach().double().requires_grad_()
     s64 = inp.s.detach().double().requires_grad_()
     ref = dense_diff_pool_reference(x64, inp.adj.double(), s64, inp.mask)
     torch.autograd.backward(ref, [g.double() for g in inp.grads])
-    ref = [t.detach() for t in ref] + [x64.grad, s64.grad]
-    rows = []
-    for b in cfg.backends:
-        if not backends[b].available:
+    return [t.detach() for t in ref] + [x64.grad, s64.grad]
+
+
+def rel_frobenius(got, ref) -> float:
+    """||got - ref||_F / ||ref||_F in float64 (for a scalar: |got - ref| / |ref|); inf where the
+    reference is 0 and got is not, nan where got is not finite."""
+    import torch
+
+    diff = torch.linalg.vector_norm(got.detach().double() - ref)
+    norm = torch.linalg.vector_norm(ref)
+    d, n = float(diff), float(norm)
+    if n == 0:
+        return 0.0 if d == 0 else float("inf")
+    return d / n
+
+
+def measure_errors(fn, inp: Inputs, ref) -> Dict[str, float]:
+    """ERROR_COLUMNS -> relative Frobenius error of one forward+backward of ``fn`` on ``inp``."""
+    inp.x.grad = inp.s.grad = None
+    outs = forward(fn, inp)
+    backward(outs, inp)
+    got = [t.detach() for t in outs] + [inp.x.grad, inp.s.grad]
+    inp.x.grad = inp.s.grad = None
+    return {c: rel_frobenius(g, r) for c, g, r in zip(ERROR_COLUMNS, got, ref)}
+
+
+def accuracy_rows(records: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """accuracy.csv: one row per shape, inputs, precision and backend that has errors (the
+    full-mode row's, else the first mode's)."""
+    out: Dict[tuple, Dict[str, object]] = {}
+    keys = ("backend", "path", "precision", "logits", "batch", "nodes", "clusters", "features", "dtype", "adj_dtype")
+    for r in records:
+        if not any(r.get(c) not in (None, "") for c in ERROR_COLUMNS):
             continue
-        try:
-            inp.x.grad = inp.s.grad = None
-            outs = forward(backends[b].fn, inp)
-            backward(outs, inp)
-            got = [t.detach() for t in outs] + [inp.x.grad, inp.s.grad]
-        except Exception as err:
-            rows.append({"backend": b, "nodes": shape.nodes, "clusters": shape.clusters,
-                         "batch": shape.batch, "error": first_line(err)})
-            continue
-        row = {"backend": b, "batch": shape.batch, "nodes": shape.nodes,
-               "clusters": shape.clusters, "features": shape.features, "dtype": shape.dtype}
-        for name, g, r in zip(ERROR_NAMES, got, ref):
-            scale = r.abs().max().clamp_min(1e-300)
-            row[f"err_{name}"] = f"{float((g.double() - r).abs().max() / scale):.3e}"
-        rows.append(row)
-        inp.x.grad = inp.s.grad = None
-    return rows
+        k = tuple(r.get(x, "") for x in keys)
+        if k not in out or r["mode"] == "full":
+            out[k] = {**{x: r.get(x, "") for x in keys}, **{c: r[c] for c in ERROR_COLUMNS}}
+    return list(out.values())
 
 
 def accuracy_markdown(rows: List[Dict[str, object]]) -> str:
-    """The error table, with each backend's link-loss error as a ratio to PyG's (same shape)."""
-    pyg_link = {r["nodes"]: float(r["err_link_loss"]) for r in rows
-                if r["backend"] == "pyg" and "error" not in r}
-    lines = ["Error vs float64 reference (max |got - ref| / max |ref|):", "",
-             "| backend | B | N | C | " + " | ".join(ERROR_NAMES) + " | PyG's link error / this |",
-             "|---|---|---|---|" + "---|" * (len(ERROR_NAMES) + 1)]
+    """The error table, with each backend's link-loss error as a ratio to PyG's (same case)."""
+    def case(r):
+        return tuple(str(r.get(k, "")) for k in ("precision", "logits", "batch", "nodes", "clusters", "features", "adj_dtype"))
+
+    pyg_link = {case(r): r.get("err_link", "") for r in rows if r["backend"] == "pyg"}
+    lines = ["Relative error vs PyG's formulas in float64 (||got - ref||_F / ||ref||_F, same inputs):", "",
+             "| backend | precision | logits | B | N | C | F | adj | " + " | ".join(ERROR_NAMES)
+             + " | this link error / PyG's |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * (len(ERROR_NAMES) + 1)]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['backend']} | {r['batch']} | {r['nodes']} | {r['clusters']} | "
-                         f"error: {r['error']} |")
-            continue
-        own = float(r["err_link_loss"])
-        ratio = (f"{pyg_link[r['nodes']] / own:.3g}" if r["nodes"] in pyg_link and own > 0
-                 else "")
-        lines.append(f"| {BACKEND_LABELS.get(r['backend'], r['backend'])} | {r['batch']} | "
-                     f"{r['nodes']} | {r['clusters']} | "
-                     + " | ".join(str(r[f'err_{n}']) for n in ERROR_NAMES) + f" | {ratio} |")
+        own, theirs = r.get("err_link", ""), pyg_link.get(case(r), "")
+        try:
+            ratio = f"{float(own) / float(theirs):.3g}" if float(theirs) > 0 else ""
+        except ValueError:
+            ratio = ""
+        name = BACKEND_LABELS.get(r["backend"], r["backend"])
+        if r["backend"] == "auto" and r.get("path"):
+            name = f"ours (auto: {r['path']})"
+        lines.append(f"| {name} | {r.get('precision', '')} | {r.get('logits', '')} | {r['batch']} | {r['nodes']} | "
+                     f"{r['clusters']} | {r.get('features', '')} | {r.get('adj_dtype', '')} | "
+                     + " | ".join(str(r.get(c, "")) for c in ERROR_COLUMNS) + f" | {ratio} |")
     return "\n".join(lines) + "\n"

@@ -52,8 +52,16 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 ADJ_DTYPES = FLOAT_DTYPES + ("bool", "uint8")
 MODES = ("fwd", "bwd", "full")
 #: the implementations ``diffpool-fast profile`` compares (not the pooling op's ``backend``
-#: argument, ``config.POOL_BACKENDS``): ours on torch and Triton, PyG's, and PyG's compiled
-PROFILE_BACKENDS = ("torch", "pyg", "compile", "triton")
+#: argument, ``config.POOL_BACKENDS``): ours on torch and Triton, ours as ``backend="auto"``
+#: picks (what a user gets by default), PyG's, and PyG's under ``torch.compile``
+PROFILE_BACKENDS = ("torch", "pyg", "pyg-compiled", "triton", "auto")
+#: what ``--backend all`` stands for: every implementation once (auto runs one of ours again)
+ALL_BACKENDS = ("torch", "pyg", "pyg-compiled", "triton")
+#: older names still accepted
+BACKEND_ALIASES = {"compile": "pyg-compiled"}
+#: the assignment logits of the generated inputs: ``random`` (standard normal) or ``converged``
+#: (12 · one-hot + 0.1 · noise, with an adjacency of the same-cluster pattern)
+LOGITS = ("random", "converged")
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class Shape:
     #: our paths are told adj is symmetric (dense_diff_pool's adj_symmetric=True), so their
     #: backward makes no pass over A; without the promise the torch path makes one A^T product.
     promise_symmetric: bool = False
+    #: the generated logits and adjacency (``LOGITS``)
+    logits: str = "random"
 
     def __post_init__(self):
         for name in ("batch", "nodes", "clusters", "features"):
@@ -82,6 +92,8 @@ class Shape:
             raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype!r}")
         if self.adj_dtype not in ADJ_DTYPES:
             raise ValueError(f"adj_dtype must be one of {ADJ_DTYPES}, got {self.adj_dtype!r}")
+        if self.logits not in LOGITS:
+            raise ValueError(f"logits must be one of {LOGITS}, got {self.logits!r}")
 
     @property
     def e(self) -> int:
@@ -102,11 +114,11 @@ class Shape:
 
     def with_batch(self, batch: int) -> "Shape":
         return Shape(batch, self.nodes, self.clusters, self.features, self.dtype,
-                     self.adj_dtype, self.masked, self.symmetric, self.promise_symmetric)
+                     self.adj_dtype, self.masked, self.symmetric, self.promise_symmetric, self.logits)
 
     def label(self) -> str:
         return (f"B{self.batch}-N{self.nodes}-C{self.clusters}-F{self.features}-"
-                f"{self.dtype}-adj_{self.adj_dtype}")
+                f"{self.dtype}-adj_{self.adj_dtype}" + ("-converged" if self.logits == "converged" else ""))
 
 
 def _check_mode(mode: str) -> None:
@@ -272,7 +284,7 @@ def memory_model(backend: str, shape: Shape, mode: str) -> MemoryEstimate:
       Forward peak: S Sᵀ and R alive together (2·n2). Backward: the norm's backward holds R,
       R/||R|| and its product with the upstream gradient (3·n2). A non-float adjacency is
       converted to the compute dtype first (one more n2, kept: SᵀA's backward saves it).
-    - ``compile`` (torch.compile of PyG's function): the matmul S Sᵀ is still materialised (n2),
+    - ``pyg-compiled`` (torch.compile of PyG's function; also ``compile``): the matmul S Sᵀ is still materialised (n2),
       the residual is fused into the reduction, and one N x N tensor is alive at a time in
       backward too. Fitted to CPU measurements with torch 2.13: Inductor's choices vary.
     - ``torch`` (our lean path, ops.coarsen_torch.CoarsenTorchFunction): no N x N tensor.
@@ -282,12 +294,17 @@ def memory_model(backend: str, shape: Shape, mode: str) -> MemoryEstimate:
       ``config.CONVERT_CHUNK_BYTES`` at a time (plus an int64 copy for a uint8 adjacency's norm).
     - ``triton``: the fused kernels keep S and AS (2·nc) as docs/math.md prescribes, and write
       dL, dX.
+    - ``auto``: modelled as ``torch`` (the path the measured table and the CPU pick today; on a
+      GPU whose table picks Triton, ``triton``'s model is the closer one).
 
     Leaf gradients (x.grad: nf, s.grad: nc) count in the bwd and full peaks.
     """
     _check_mode(mode)
+    backend = BACKEND_ALIASES.get(backend, backend)
     if backend not in PROFILE_BACKENDS:
         raise ValueError(f"backend must be one of {PROFILE_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "torch"
     B, N, C, F = shape.batch, shape.nodes, shape.clusters, shape.features
     ce = shape.compute_e if backend in ("torch", "triton") else shape.e
     n2 = B * N * N * ce
@@ -312,7 +329,7 @@ def memory_model(backend: str, shape: Shape, mode: str) -> MemoryEstimate:
         # holds R, R / ||R|| and grad R = (R / ||R||)·g at once (3·n2), next to softmax(s), S,
         # the masked x and SᵀA.
         bwd_peak = max(saved_total + nc, before_r + 3 * n2) + grads
-    elif backend == "compile":
+    elif backend == "pyg-compiled":
         convert = n2 if shape.adj_dtype != shape.dtype else 0
         # Inductor fuses the residual into the norm's reduction and frees saved tensors as its
         # backward goes, so one N x N tensor (S Sᵀ, then the residual's gradient) is alive at a

@@ -1,10 +1,16 @@
 """The benchmark harness of ``diffpool-fast profile``: inputs, backends, one step, its timer.
 
 Backends: ``torch`` (our lean path, ``dense_diff_pool(..., backend="torch")``), ``pyg``
-(``torch_geometric.nn.dense_diff_pool``), ``compile`` (``torch.compile`` of PyG's function),
-``triton`` (``dense_diff_pool(..., backend="triton")``). A backend that cannot run here is a
-:class:`Backend` without ``fn`` and with the reason, so the profile reports it as skipped and
-still runs the others.
+(``torch_geometric.nn.dense_diff_pool``), ``pyg-compiled`` (``torch.compile`` of PyG's function,
+compiled afresh for every shape and precision by :func:`compile_for`, which times the compile;
+``compile`` is its older name), ``triton`` (``dense_diff_pool(..., backend="triton")``), ``auto``
+(``dense_diff_pool(..., backend="auto")``: what a user gets by default; :func:`auto_path` says
+which path it runs). A backend that cannot run here is a :class:`Backend` without ``fn`` and with
+the reason, so the profile reports it as skipped and still runs the others.
+
+Inputs (:func:`make_inputs`): ``random`` logits are standard normal and the adjacency random
+symmetric 0/1; ``converged`` ones are 12 · one-hot(cluster) + 0.1 · noise with the adjacency of
+the same-cluster pattern (S Sᵀ close to A: the link loss's cancelling regime).
 
 Modes: ``fwd`` (forward with x and s requiring grad, as in training), ``bwd`` (backward only,
 after an untimed forward), ``full`` (forward + backward). The adjacency does not require grad
@@ -22,7 +28,9 @@ from .costmodel import Shape
 BACKEND_LABELS = {
     "torch": "ours (torch)",
     "triton": "ours (triton)",
+    "auto": "ours (auto)",
     "pyg": "PyG",
+    "pyg-compiled": "torch.compile(PyG)",
     "compile": "torch.compile(PyG)",
 }
 
@@ -58,7 +66,10 @@ class Inputs:
 def make_inputs(shape: Shape, device: str, seed: int = 0, density: float = 0.05) -> Inputs:
     """Random padded graphs: symmetric adjacency, graph sizes in [N/2, N] (the first has N).
 
-    The adjacency is filled one graph at a time, so building it needs no B x N x N temporary.
+    ``shape.logits == "converged"``: each node gets a random cluster, s = 12 · one-hot + 0.1 ·
+    noise, and adj links the nodes of the same cluster (self-loops included); ``density`` is
+    then not used. The adjacency is filled one graph at a time, so building it needs no
+    B x N x N temporary.
     """
     import torch
 
@@ -66,7 +77,13 @@ def make_inputs(shape: Shape, device: str, seed: int = 0, density: float = 0.05)
     dt = getattr(torch, shape.dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(B, N, F, generator=g, device=device).to(dt).requires_grad_()
-    s = torch.randn(B, N, C, generator=g, device=device).to(dt).requires_grad_()
+    labels = None
+    if shape.logits == "converged":
+        labels = torch.randint(0, C, (B, N), generator=g, device=device)
+        s = 12.0 * torch.nn.functional.one_hot(labels, C).float()
+        s = (s + 0.1 * torch.randn(B, N, C, generator=g, device=device)).to(dt).requires_grad_()
+    else:
+        s = torch.randn(B, N, C, generator=g, device=device).to(dt).requires_grad_()
     mask = None
     if shape.masked:
         sizes = torch.randint((N + 1) // 2, N + 1, (B,), generator=g, device=device)
@@ -74,8 +91,11 @@ def make_inputs(shape: Shape, device: str, seed: int = 0, density: float = 0.05)
         mask = torch.arange(N, device=device)[None, :] < sizes[:, None]
     adj = torch.empty(B, N, N, dtype=getattr(torch, shape.adj_dtype), device=device)
     for b in range(B):
-        a = torch.rand(N, N, generator=g, device=device) < density
-        a = a | a.transpose(0, 1)
+        if labels is not None:
+            a = labels[b][:, None] == labels[b][None, :]
+        else:
+            a = torch.rand(N, N, generator=g, device=device) < density
+            a = a | a.transpose(0, 1)
         if mask is not None:
             a &= mask[b][:, None] & mask[b][None, :]
         adj[b].copy_(a)
@@ -95,6 +115,8 @@ class Backend:
     name: str
     fn: Optional[Callable] = None
     reason: str = ""  # why it is skipped, when fn is None
+    #: pyg-compiled: the function it compiles (afresh per shape and precision, ``compile_for``)
+    base: Optional[Callable] = None
 
     @property
     def available(self) -> bool:
@@ -121,6 +143,9 @@ def make_backend(name: str, device: str, shape: Optional[Shape] = None) -> Backe
     if name == "torch":
         return Backend(name, lambda x, adj, s, mask: dense_diff_pool(x, adj, s, mask, backend="torch",
                                                                      adj_symmetric=sym))
+    if name == "auto":
+        return Backend(name, lambda x, adj, s, mask: dense_diff_pool(x, adj, s, mask, backend="auto",
+                                                                     adj_symmetric=sym))
     if name == "triton":
         reason = triton_unavailable(device)
         if reason:
@@ -131,7 +156,7 @@ def make_backend(name: str, device: str, shape: Optional[Shape] = None) -> Backe
             return Backend(name, reason=f"the Triton path is not in this build ({first_line(err)})")
         return Backend(name, lambda x, adj, s, mask: dense_diff_pool(x, adj, s, mask, backend="triton",
                                                                      adj_symmetric=sym))
-    if name in ("pyg", "compile"):
+    if name in ("pyg", "pyg-compiled", "compile"):
         try:
             from torch_geometric.nn import dense_diff_pool as pyg_pool
         except ImportError as err:
@@ -151,8 +176,35 @@ def make_backend(name: str, device: str, shape: Optional[Shape] = None) -> Backe
             _smoke(compiled, device, shape)
         except Exception as err:  # compile needs a C++ toolchain on CPU, Triton on CUDA, ...
             return Backend(name, reason=f"torch.compile failed: {first_line(err)}")
-        return Backend(name, compiled)
+        return Backend(name, compiled, base=pyg)
     raise ValueError(f"unknown backend {name!r}")
+
+
+def compile_for(backend: Backend, inp: "Inputs", device: str) -> float:
+    """pyg-compiled: compile PyG's function afresh for these inputs and the matmul precision in
+    force, and return the seconds of the first forward+backward, which compiles both graphs.
+
+    Dynamo's caches are reset first, so that the compile is counted whole and dynamo's limit of
+    recompilations per function (after which it silently runs eagerly) is never reached."""
+    import torch
+
+    torch._dynamo.reset()
+    fn = torch.compile(backend.base, dynamic=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step(fn, inp, "full")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    backend.fn = fn
+    return time.perf_counter() - t0
+
+
+def auto_path(inp: "Inputs") -> Tuple[str, str]:
+    """``(path, why)``: the path ``backend="auto"`` takes for these inputs here, and why."""
+    from ..ops.dispatch import explain_auto
+
+    return explain_auto(inp.x, inp.adj, inp.s, inp.mask)
 
 
 def _smoke(fn, device: str, shape: Optional[Shape]) -> None:

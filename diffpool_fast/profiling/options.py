@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from ..errors import UsageError
-from .costmodel import ADJ_DTYPES, FLOAT_DTYPES, MODES, PROFILE_BACKENDS, Shape
+from .costmodel import ADJ_DTYPES, ALL_BACKENDS, BACKEND_ALIASES, FLOAT_DTYPES, LOGITS, MODES, PROFILE_BACKENDS, Shape
 from .provenance import command_line, fit_threads_to_load
 
 DTYPE_ALIASES = {
@@ -56,6 +56,59 @@ def choice_list(text: str, name: str, allowed: Sequence[str], all_: bool = False
         if part not in out:
             out.append(part)
     return out
+
+
+def backend_list(text: str) -> List[str]:
+    """``--backend``: names of ``PROFILE_BACKENDS`` (``compile`` for ``pyg-compiled``), ``all``
+    for ``ALL_BACKENDS``, in the order given, duplicates dropped."""
+    out: List[str] = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        names = ALL_BACKENDS if part == "all" else [BACKEND_ALIASES.get(part, part)]
+        for name in names:
+            if name not in PROFILE_BACKENDS:
+                raise UsageError(f"unknown backend {part!r}: choose from {', '.join(PROFILE_BACKENDS)}, all")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+#: torch.set_float32_matmul_precision's settings
+PRECISIONS = ("highest", "high", "medium")
+
+
+def parse_shapes(text: str, dtype: str, adj_dtype: str, logits: Sequence[str], masked: bool,
+                 promise_symmetric: bool) -> List[Shape]:
+    """``--shapes 64x512x128x128,64x512x128x128:converged,64x512x128x128:bool``: B x N x C x F,
+    each optionally followed by ``:converged`` / ``:random`` (its only logits kind; otherwise
+    every kind of ``--logits``) and ``:ADJ_DTYPE`` (its adjacency dtype; otherwise ``--adj-dtype``)."""
+    shapes: List[Shape] = []
+    for spec in str(text).split(","):
+        spec = spec.strip()
+        head, *mods = spec.split(":")
+        parts = head.lower().split("x")
+        try:
+            B, N, C, F = (int(p) for p in parts)
+        except ValueError:
+            raise UsageError(f"--shapes: each shape is BxNxCxF such as 64x512x128x128 (then optionally "
+                             f":converged, :bool, ...), got {spec!r}") from None
+        for name, v in (("B", B), ("N", N), ("C", C), ("F", F)):
+            if v < 1:
+                raise UsageError(f"--shapes {spec!r}: {name} must be at least 1, got {v}")
+        if C > N:
+            raise UsageError(f"--shapes {spec!r}: C={C} clusters is larger than N={N} nodes")
+        kinds, adt = list(logits), adj_dtype
+        for mod in mods:
+            m = mod.strip().lower()
+            if m in LOGITS:
+                kinds = [m]
+            else:
+                adt = parse_dtype(m, f"--shapes {spec!r}: a suffix (a logits kind {'/'.join(LOGITS)} or an adjacency dtype)",
+                                  ADJ_DTYPES)
+        for kind in kinds:
+            shapes.append(Shape(B, N, C, F, dtype, dtype if adt == "same" else adt, masked=masked,
+                                promise_symmetric=promise_symmetric, logits=kind))
+    return shapes
 
 
 def parse_dtype(text: str, name: str, allowed: Sequence[str]) -> str:
@@ -155,26 +208,68 @@ class Config:
     command: str
     #: the 1-minute load average before the profile started (None where unknown)
     load_avg: Optional[float] = None
+    #: torch.set_float32_matmul_precision settings, each shape measured under each; None: the
+    #: setting in force is left alone (and recorded)
+    precisions: Optional[List[str]] = None
+    #: --write-dispatch: the dispatch table to write the measured winners into
+    write_dispatch: Optional[str] = None
+    #: pyg-compiled is compiled for at most this many shapes (None: every shape)
+    compile_limit: Optional[int] = None
+
+
+#: the defaults of the options --shapes replaces
+SHAPE_DEFAULTS = {"batch": 16, "nodes": "128,256,512,1024", "clusters": "0.25", "features": 64}
 
 
 def build_config(args) -> Config:
     """The ``Config`` of parsed ``diffpool-fast profile`` arguments (strings still unparsed)."""
+    shapes_text = getattr(args, "shapes", None)
+    given = [k for k in SHAPE_DEFAULTS if getattr(args, k, None) is not None]
+    if shapes_text is not None and given:
+        raise UsageError("--shapes gives B, N, C and F of every shape: drop "
+                         + ", ".join(f"--{k}" for k in given))
+    for k, v in SHAPE_DEFAULTS.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
     require_at_least(args, ("batch", "features", "repeats"), 1)
     if args.warmup < 0:
         raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
     check_density(args.density)
-    nodes = int_list(args.nodes, "--nodes")
     dtype = parse_dtype(args.dtype, "--dtype", FLOAT_DTYPES)
     adj_dtype = dtype if args.adj_dtype.strip().lower() == "same" else parse_dtype(
         args.adj_dtype, "--adj-dtype", ADJ_DTYPES)
     modes = choice_list(args.mode, "mode", MODES)
-    backends = choice_list(args.backend, "backend", PROFILE_BACKENDS, all_=True)
-    shapes = [
-        Shape(args.batch, n, clusters_for(n, args.clusters), args.features, dtype, adj_dtype,
-              masked=not args.no_mask, promise_symmetric=args.adj_symmetric)
-        for n in nodes
-    ]
+    backends = backend_list(args.backend)
+    logits = choice_list(getattr(args, "logits", "random"), "--logits kind", LOGITS)
+    if shapes_text is not None:
+        shapes = parse_shapes(shapes_text, dtype, adj_dtype, logits, not args.no_mask, args.adj_symmetric)
+    else:
+        shapes = [
+            Shape(args.batch, n, clusters_for(n, args.clusters), args.features, dtype, adj_dtype,
+                  masked=not args.no_mask, promise_symmetric=args.adj_symmetric, logits=kind)
+            for n in int_list(args.nodes, "--nodes") for kind in logits
+        ]
+    precisions = (choice_list(args.precision, "--precision", PRECISIONS)
+                  if getattr(args, "precision", None) is not None else None)
+    compile_limit = getattr(args, "compile_limit", None)
+    if compile_limit is not None and compile_limit < 0:
+        raise UsageError(f"--compile-limit must be at least 0, got {compile_limit}")
     device = resolve_device(args.device)
+    write_dispatch = getattr(args, "write_dispatch", None)
+    if write_dispatch is not None:
+        missing = [b for b in ("torch", "triton") if b not in backends]
+        if device != "cuda":
+            raise UsageError(f"--write-dispatch {write_dispatch}: the dispatch table is measured on CUDA "
+                             f"(--device cuda), not on {device}")
+        if "full" not in modes:
+            raise UsageError(f"--write-dispatch {write_dispatch}: needs --mode full (the table compares "
+                             "forward+backward times)")
+        if missing:
+            raise UsageError(f"--write-dispatch {write_dispatch}: needs both of our paths timed; add "
+                             + ", ".join(missing) + " to --backend")
+        if args.adj_symmetric:
+            raise UsageError(f"--write-dispatch {write_dispatch}: the table is for the default call; drop "
+                             "--adj-symmetric (it times our paths with adj_symmetric=True)")
     for name in ("peak_bandwidth", "peak_tflops"):
         v = getattr(args, name)
         if v is not None and v <= 0:
@@ -189,5 +284,6 @@ def build_config(args) -> Config:
         memory=not args.no_memory, accuracy=args.accuracy,
         max_batch=max_batch,
         peak_bandwidth=args.peak_bandwidth, peak_tflops=args.peak_tflops,
-        command=command_line(args), load_avg=load_avg,
+        command=command_line(args), load_avg=load_avg, precisions=precisions,
+        write_dispatch=write_dispatch, compile_limit=compile_limit,
     )

@@ -15,17 +15,18 @@ from typing import Dict, List, Optional
 
 from ..errors import UsageError
 from . import costmodel
-from .accuracy import accuracy_markdown
+from .accuracy import ERROR_COLUMNS, accuracy_markdown
 from .costmodel import MODES, PROFILE_BACKENDS, Shape
 from .harness import BACKEND_LABELS
 from .max_batch import max_batch_markdown
 
 #: the columns of profile.csv, in order
 COLUMNS = [
-    "backend", "mode", "batch", "nodes", "clusters", "features", "dtype", "adj_dtype", "masked",
-    "status", "reason", "time_ms", "time_ms_q1", "time_ms_q3", "repeats", "adj_GBps", "TFLOPs",
-    "peak_bytes", "peak_method", "model_peak_bytes", "model_saved_bytes", "floor_bytes",
-    "floor_flops", "floor_ms", "pct_of_floor", "speedup_vs_pyg", "peak_vs_pyg",
+    "backend", "path", "mode", "precision", "logits", "batch", "nodes", "clusters", "features", "dtype",
+    "adj_dtype", "masked", "status", "reason", "time_ms", "time_ms_q1", "time_ms_q3", "repeats",
+    "adj_GBps", "TFLOPs", "peak_bytes", "peak_method", "model_peak_bytes", "model_saved_bytes",
+    "floor_bytes", "floor_flops", "floor_ms", "pct_of_floor", "speedup_vs_pyg", "peak_vs_pyg",
+    "compile_s", *ERROR_COLUMNS, "dispatch",
     "device", "floor_source", "threads", "python", "torch", "triton", "torch_geometric",
     "command",
 ]
@@ -50,6 +51,16 @@ class Row:
     model_saved: int = 0
     speedup: Optional[float] = None
     peak_vs_pyg: Optional[float] = None
+    #: torch.get_float32_matmul_precision() while it was measured
+    precision: str = ""
+    #: the path that ran: the backend itself, or for auto the path it picked ("torch"/"triton")
+    path: str = ""
+    #: auto: where its choice came from (the dispatch table's section and bucket, or why not)
+    dispatch: str = ""
+    #: pyg-compiled: seconds of the first forward+backward, which compiles
+    compile_s: Optional[float] = None
+    #: ERROR_COLUMNS -> relative error (--accuracy)
+    errors: Dict[str, float] = field(default_factory=dict)
 
     @property
     def median(self) -> Optional[float]:
@@ -66,7 +77,8 @@ class Row:
     def record(self, meta: Dict[str, str]) -> Dict[str, object]:
         sh, med = self.shape, self.median
         return {
-            "backend": self.backend, "mode": self.mode, "batch": sh.batch, "nodes": sh.nodes,
+            "backend": self.backend, "path": self.path or self.backend, "mode": self.mode,
+            "precision": self.precision, "logits": sh.logits, "batch": sh.batch, "nodes": sh.nodes,
             "clusters": sh.clusters, "features": sh.features, "dtype": sh.dtype,
             "adj_dtype": sh.adj_dtype, "masked": sh.masked, "status": self.status,
             "reason": self.reason,
@@ -83,6 +95,9 @@ class Row:
             "floor_ms": _fmt(self.floor_s * 1e3),
             "pct_of_floor": _fmt(100 * self.floor_s / med if med else None),
             "speedup_vs_pyg": _fmt(self.speedup), "peak_vs_pyg": _fmt(self.peak_vs_pyg),
+            "compile_s": _fmt(self.compile_s),
+            **{c: (f"{self.errors[c]:.3e}" if c in self.errors else "") for c in ERROR_COLUMNS},
+            "dispatch": self.dispatch,
             **meta,
         }
 
@@ -117,6 +132,14 @@ class Writer:
         self.file.close()
 
 
+def label(r: Dict[str, object]) -> str:
+    """A record's implementation name for tables: auto with the path it ran."""
+    name = BACKEND_LABELS.get(r["backend"], r["backend"])
+    if r["backend"] == "auto" and r.get("path") and r.get("path") != "auto":
+        name = f"ours (auto: {r['path']})"
+    return name
+
+
 def terminal_table(records: List[Dict[str, object]]) -> str:
     """The measured rows as aligned columns, then one line per skipped or failed backend."""
     head = ["backend", "mode", "N", "C", "time ms", "x PyG", "adj GB/s", "TFLOP/s",
@@ -125,7 +148,7 @@ def terminal_table(records: List[Dict[str, object]]) -> str:
     for r in records:
         if r["status"] != "ok":
             continue
-        rows.append([BACKEND_LABELS.get(r["backend"], r["backend"]), r["mode"], r["nodes"],
+        rows.append([label(r) + _case_suffix(r), r["mode"], r["nodes"],
                      r["clusters"], short(r["time_ms"]), short(r["speedup_vs_pyg"]),
                      short(r["adj_GBps"]), short(r["TFLOPs"]), mib(r["peak_bytes"]),
                      mib(r["model_peak_bytes"]), short(r["floor_ms"]),
@@ -176,7 +199,7 @@ def markdown_table(records: List[Dict[str, object]], header: List[str]) -> str:
             elif c == "status" and r["status"] != "ok":
                 v = f"{r['status']}: {r['reason']}"
             elif c == "backend":
-                v = BACKEND_LABELS.get(v, v)
+                v = label(r) + _case_suffix(r)
             elif c in ("batch", "nodes", "clusters", "features"):
                 v = str(v)
             elif c not in ("mode", "status"):
@@ -186,6 +209,55 @@ def markdown_table(records: List[Dict[str, object]], header: List[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _case_suffix(r: Dict[str, object]) -> str:
+    """`` [high]``, `` [converged]``: what tells apart rows of one shape and backend."""
+    tags = [str(r[k]) for k in ("precision", "logits") if r.get(k) and r.get(k) not in ("highest", "random")]
+    return f" [{', '.join(tags)}]" if tags else ""
+
+
+def op_table_markdown(records: List[Dict[str, object]]) -> str:
+    """The forward+backward table of issue 19, one block per shape, inputs and precision:
+    implementation, time, ratio to PyG, peak, and (with --accuracy) the relative errors."""
+    full = [r for r in records if r["mode"] == "full"]
+    if not full:
+        return ""
+    order = {b: i for i, b in enumerate(("pyg", "pyg-compiled", "compile", "auto", "triton", "torch"))}
+    blocks: Dict[tuple, List[Dict[str, object]]] = {}
+    for r in full:
+        key = (r["batch"], r["nodes"], r["clusters"], r["features"], r["dtype"], r["adj_dtype"],
+               r.get("logits", ""), r.get("precision", ""))
+        blocks.setdefault(key, []).append(r)
+    errs = any(r.get(c) not in (None, "") for r in full for c in ERROR_COLUMNS)
+    head = ["impl", "fwd+bwd ms", "x PyG", "peak MiB"]
+    if errs:
+        head += ["rel err out", "out_adj", "link", "ent", "grad x", "grad s"]
+    lines = ["## forward+backward (grads of x and s)", "",
+             "x PyG = PyG's median / this median, same run and precision; peak = memory above the inputs"
+             + ("; rel err = relative Frobenius error against PyG's formulas in float64 on the same inputs"
+                if errs else "")]
+    for key, rows in blocks.items():
+        B, N, C, F, dt, adt, logits, prec = key
+        title = (f"B={B} N={N} C={C} F={F} adj={adt}" + (f" x={dt}" if dt != "float32" else "")
+                 + (f" prec={prec}" if prec else "") + (" converged" if logits == "converged" else ""))
+        lines += ["", f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        notes = []
+        for r in sorted(rows, key=lambda r: order.get(r["backend"], 99)):
+            name = label(r)
+            if r["status"] != "ok":
+                lines.append(f"| {name} | {r['status']}: {r['reason']} |" + " |" * (len(head) - 2))
+                continue
+            cells = [name, short(r["time_ms"]), short(r["speedup_vs_pyg"]), mib(r["peak_bytes"])]
+            if errs:
+                cells += [str(r.get(c, "")) for c in ERROR_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+            if r.get("compile_s") not in (None, ""):
+                notes.append(f"{name}: compiled in {float(r['compile_s']):.1f} s (first forward+backward; not in the time)")
+            if r["backend"] == "auto" and r.get("dispatch"):
+                notes.append(f"{name}: {r['dispatch']}")
+        lines += [""] + [f"- {n}" for n in notes] if notes else []
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def plot(records: List[Dict[str, object]], out_dir: str, title: str) -> List[str]:
     """time_vs_nodes.png and peak_memory_vs_nodes.png, one panel per mode, log scales."""
     import matplotlib
@@ -193,10 +265,17 @@ def plot(records: List[Dict[str, object]], out_dir: str, title: str) -> List[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # against N: the rows of the first measured batch size, F, adjacency dtype, precision and
+    # logits kind (an explicit --shapes list may mix them; the CSV and tables hold every row)
     ok = [r for r in records if r["status"] == "ok"]
+    same = ("batch", "features", "adj_dtype", "precision", "logits")
+    if ok:
+        first = [str(ok[0].get(k, "")) for k in same]
+        ok = [r for r in ok if [str(r.get(k, "")) for k in same] == first]
     modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
-    backends = [b for b in PROFILE_BACKENDS if any(r["backend"] == b for r in ok)]
-    colors = {"torch": "tab:blue", "triton": "tab:green", "pyg": "tab:red", "compile": "tab:orange"}
+    backends = [b for b in PROFILE_BACKENDS + ("compile",) if any(r["backend"] == b for r in ok)]
+    colors = {"torch": "tab:blue", "triton": "tab:green", "pyg": "tab:red", "pyg-compiled": "tab:orange",
+              "compile": "tab:orange", "auto": "tab:purple"}
     paths = []
     for kind, key, ylabel, fname in (
         ("time", "time_ms", "median time (ms)", "time_vs_nodes.png"),
@@ -206,15 +285,15 @@ def plot(records: List[Dict[str, object]], out_dir: str, title: str) -> List[str
                                  squeeze=False)
         for ax, mode in zip(axes[0], modes or ["full"]):
             for b in backends:
-                pts = sorted((int(r["nodes"]), r) for r in ok if r["backend"] == b and r["mode"] == mode)
+                pts = sorted({int(r["nodes"]): r for r in ok if r["backend"] == b and r["mode"] == mode}.items())
                 xs = [n for n, r in pts if r[key] not in ("", None)]
                 ys = [float(r[key]) / (2**20 if kind == "memory" else 1)
                       for n, r in pts if r[key] not in ("", None)]
                 if xs:
-                    ax.plot(xs, ys, "o-", color=colors[b], label=BACKEND_LABELS[b])
+                    ax.plot(xs, ys, "o-", color=colors.get(b), label=BACKEND_LABELS[b])
                 if kind == "memory":
                     ms = [float(r["model_peak_bytes"]) / 2**20 for _, r in pts]
-                    ax.plot([n for n, _ in pts], ms, "--", color=colors[b], alpha=0.6,
+                    ax.plot([n for n, _ in pts], ms, "--", color=colors.get(b), alpha=0.6,
                             label=f"{BACKEND_LABELS[b]} (model)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -270,6 +349,9 @@ def render_from_csv(path: str, out: Optional[str]) -> int:
                              on_cpu=r0.get("peak_method", "") != "cuda-allocator"
                              and "cuda" not in r0.get("command", ""))
     md = markdown_table(records, header)
+    ops = op_table_markdown(records)
+    if ops:
+        md += "\n" + ops
     # the --accuracy and --max-batch tables of the same run, when their CSVs lie next to it
     renderers = (("accuracy.csv", accuracy_markdown),
                  ("max_batch.csv", lambda rows: max_batch_markdown(rows, int(rows[0]["budget_bytes"]))))
