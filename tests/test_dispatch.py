@@ -136,6 +136,21 @@ def test_auto_on_cuda_takes_the_table_choice_per_bucket_and_capability(fake_gpu)
     assert resolve_backend("auto", torch.device("cpu"), key=torch_bucket) == "torch"
 
 
+def test_an_unmeasured_f_takes_the_choice_all_measured_f_agree_on(fake_gpu):
+    def f(features):
+        return dispatch_table.bucket(512, 128, features, "float32", "float32")
+
+    dispatch_table.use(_table(N512_C128_F128_float32_float32="torch", N512_C128_F256_float32_float32="torch"))
+    assert resolve_backend("auto", CUDA0, key=f(32)) == "torch"
+    assert "F not measured" in dispatch_table.describe(CUDA0, f(32))
+    dispatch_table.use(_table(N512_C128_F128_float32_float32="torch", N512_C128_F256_float32_float32="triton"))
+    assert resolve_backend("auto", CUDA0, key=f(32)) == "triton"  # they disagree: the default
+    assert "not in the table" in dispatch_table.describe(CUDA0, f(32))
+    assert resolve_backend("auto", CUDA0, key=f(128)) == "torch"
+    # another C is not borrowed
+    assert resolve_backend("auto", CUDA0, key=dispatch_table.bucket(512, 64, 128, "float32", "float32")) == "triton"
+
+
 def test_the_environment_variable_still_overrides_the_table(fake_gpu, monkeypatch):
     dispatch_table.use(_table(N512_C128_F128_float32_float32="torch"))
     key = dispatch_table.bucket(512, 128, 128, "float32", "float32")

@@ -12,7 +12,10 @@ Bucket of a call (:func:`bucket`):
 - the dtype of x and s, and the dtype of adj (names as in torch: ``float32``, ``bool``, ...).
 
 The batch size is not part of the bucket: each entry lists the batch sizes it was measured at.
-A capability or bucket the table does not hold gets the default: Triton when it is importable.
+F matters least (it only enters the Sᵀ X products, not the pass over A), so a bucket whose F was
+not measured takes the choice of the same N, C and dtypes when every measured F of those agrees.
+A capability or bucket the table does not hold otherwise gets the default: Triton when it is
+importable.
 
 Cost per call: the capability is read once per device index (``torch.cuda.get_device_properties``)
 and cached; the lookup is then two dict lookups on ints and strings, no file IO and no host-device
@@ -46,9 +49,13 @@ DTYPE_NAMES = {
 
 Capability = Tuple[int, int]
 Bucket = Tuple[int, int, int, str, str]
+#: a bucket without F: (N, C, dtype, adj_dtype)
+AnyF = Tuple[int, int, str, str]
 
 #: capability -> bucket -> "torch" | "triton"
 _choices: Dict[Capability, Dict[Bucket, str]] = {}
+#: capability -> (N, C, dtype, adj_dtype) -> the choice every measured F of it agrees on
+_any_f: Dict[Capability, Dict[AnyF, str]] = {}
 #: capability -> the section's provenance (device, source, date, commit, provisional)
 _sections: Dict[Capability, Dict[str, object]] = {}
 #: where the table in use was read from ("" when set from a dict)
@@ -93,10 +100,22 @@ def lookup(device, key: Optional[Bucket]) -> Optional[str]:
     """The measured choice for a CUDA device and bucket, or None where the table has none."""
     if key is None or not _choices:
         return None
-    table = _choices.get(capability(device))
+    cap = capability(device)
+    table = _choices.get(cap)
     if not table:
         return None
-    return table.get(key)
+    choice = table.get(key)
+    if choice is None:
+        choice = _any_f[cap].get((key[0], key[1], key[3], key[4]))
+    return choice
+
+
+def any_f(table: Mapping[Bucket, str]) -> Dict[AnyF, str]:
+    """(N, C, dtype, adj_dtype) -> choice, where all measured F of it agree."""
+    seen: Dict[AnyF, set] = {}
+    for (n, c, _, dt, adt), choice in table.items():
+        seen.setdefault((n, c, dt, adt), set()).add(choice)
+    return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,10 +181,11 @@ def use(source=None) -> None:
 
     For tests and for a user who measured a table of their own. Call it before the first
     ``torch.compile`` trace that should see it (a compiled graph keeps the choice it traced)."""
-    global _choices, _sections, _loaded_from
+    global _choices, _sections, _loaded_from, _any_f
     path = DEFAULT_PATH if source is None else source
     data = read(path) if isinstance(path, str) else path
     _choices, _sections = parse(data)
+    _any_f = {cap: any_f(table) for cap, table in _choices.items()}
     _loaded_from = path if isinstance(path, str) else ""
 
 
@@ -187,12 +207,17 @@ def describe(device, key: Optional[Bucket]) -> str:
     cap = capability(device)
     if cap not in _choices:
         return f"no table section for capability {cap[0]}.{cap[1]}"
-    if key not in _choices[cap]:
-        return f"bucket N{key[0]} C{key[1]} F{key[2]} {key[3]}/adj {key[4]} not in the table for {cap[0]}.{cap[1]}"
+    name = f"N{key[0]} C{key[1]} F{key[2]} {key[3]}/adj {key[4]}"
+    if key in _choices[cap]:
+        where = name
+    elif (key[0], key[1], key[3], key[4]) in _any_f[cap]:
+        where = f"{name} (F not measured; every measured F of N{key[0]} C{key[1]} agrees)"
+    else:
+        return f"bucket {name} not in the table for {cap[0]}.{cap[1]}: the default, Triton"
     m = _sections.get(cap, {})
     what = "provisional " if m.get("provisional") else ""
     return (f"{what}table {cap[0]}.{cap[1]} ({m.get('device', '?')}, {m.get('date', '?')}, "
-            f"commit {m.get('commit', '?')}): N{key[0]} C{key[1]} F{key[2]} {key[3]}/adj {key[4]}")
+            f"commit {m.get('commit', '?')}): {where}")
 
 
 # ----------------------------------------------------------------------------------------------
