@@ -300,3 +300,50 @@ def test_winners_and_write_section_replace_one_capability(tmp_path, fake_gpu):
         dispatch_table.write_section(path, (9, 0), {"buckets": [{"nodes": 512, "clusters": 128, "features": 128,
                                                                   "dtype": "float32", "adj_dtype": "float32",
                                                                   "backend": "cuda"}]})
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+def test_capability_on_this_gpu_is_torchs():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    assert dispatch_table.capability(dev) == tuple(torch.cuda.get_device_capability(dev))
+    assert dispatch_table.capability(torch.device("cuda")) == tuple(torch.cuda.get_device_capability())
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_auto_on_cuda_traces_cold_under_fullgraph(monkeypatch, compiler):
+    """dense_diff_pool(backend="auto") on CUDA under torch.compile(fullgraph=True) with the
+    capability never read before (the first call is the trace), choosing torch from the table."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    cap = torch.cuda.get_device_capability()
+    doc = _table(f"{cap[0]}.{cap[1]}", N64_C16_F8_float32_float32="torch")
+    try:
+        dispatch_table.use(doc)
+        monkeypatch.setattr(dispatch_table, "_capability_cache", {})
+        torch._dynamo.reset()
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(3, 50, 7, device="cuda", generator=g)
+        s = torch.randn(3, 50, 11, device="cuda", generator=g)
+        a = torch.rand(3, 50, 50, device="cuda", generator=g) < 0.2
+        adj = (a | a.mT).float()
+        mask = torch.arange(50, device="cuda")[None] < torch.tensor([50, 30, 10], device="cuda")[:, None]
+        assert dispatch.explain_auto(x, adj, s, mask)[0] == "torch"
+
+        def f(x, s):
+            out, out_adj, link, ent = dense_diff_pool(x, adj, s, mask)
+            return out.square().sum() + out_adj.square().sum() + link + ent
+
+        xs, ss = x.clone().requires_grad_(), s.clone().requires_grad_()
+        got = torch.compile(f, fullgraph=True, backend=compiler)(xs, ss)
+        got.backward()
+        xe, se = x.clone().requires_grad_(), s.clone().requires_grad_()
+        want = dense_diff_pool(xe, adj, se, mask, backend="torch")
+        want = want[0].square().sum() + want[1].square().sum() + want[2] + want[3]
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ss.grad, se.grad, rtol=1e-4, atol=1e-5)
+    finally:
+        dispatch_table.use(None)
