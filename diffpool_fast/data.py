@@ -164,16 +164,16 @@ class DenseBatch(NamedTuple):
     adj: Tensor  # [B, N, N] bool
     mask: Tensor  # [B, N] bool
     y: Tensor  # [B] int64
+    sizes: Optional[Tensor] = None  # [B] int64 real nodes, on the CPU (the host's knowledge; `to` keeps it)
 
     def to(self, device) -> "DenseBatch":
-        return DenseBatch(*(t.to(device, non_blocking=True) for t in self))
+        return DenseBatch(*(t.to(device, non_blocking=True) for t in self[:4]), self.sizes)
 
 
 def collate(ds: GraphDataset, indices: Sequence[int], pad_to: Optional[int] = None) -> DenseBatch:
     """Dense batch of graphs ``indices``, padded to the largest of them (or to ``pad_to``).
 
-    Vectorised over the dataset's flat node and edge arrays: a few tensor ops per batch, no
-    Python loop over graphs.
+    Vectorised over the dataset's flat node and edge arrays: a few tensor ops per batch, no loop.
     """
     flat = ds.flat()
     idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
@@ -198,7 +198,7 @@ def collate(ds: GraphDataset, indices: Sequence[int], pad_to: Optional[int] = No
         ei = flat.edges[:, rows]
         adj[g_of_edge, ei[0], ei[1]] = True
     mask = torch.arange(N)[None, :] < sizes[:, None]
-    return DenseBatch(x, adj, mask, ds.y[idx])
+    return DenseBatch(x, adj, mask, ds.y[idx], sizes)
 
 
 class DenseLoader:

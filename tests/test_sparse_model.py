@@ -205,9 +205,12 @@ def test_level0_loader_same_batches_as_dense(shuffle, monkeypatch):
 def test_model_inputs_forms():
     ds = _dataset()
     args, kw = model_inputs(collate(ds, [0, 1]))
-    assert len(args) == 3 and kw == {}
+    assert len(args) == 3 and kw.keys() == {"graph_sizes"}
+    assert kw["graph_sizes"].tolist() == ds.num_nodes[[0, 1]].tolist()
     args, kw = model_inputs(collate_sparse(ds, [0, 1]))
-    assert len(args) == 2 and kw["num_graphs"] == 2
+    assert len(args) == 2 and kw["num_graphs"] == 2 and kw["graph_sizes"].tolist() == ds.num_nodes[[0, 1]].tolist()
+    args, kw = model_inputs(collate(ds, [0, 1])._replace(sizes=None))  # without the host's node counts
+    assert kw == {}
 
 
 def _train(tmp_path, name, *extra):

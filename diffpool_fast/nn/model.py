@@ -58,19 +58,40 @@ def graph_clusters(nodes: Tensor, ratio: float, max_clusters: int) -> Tensor:
     return k.clamp(1, int(max_clusters))
 
 
-def _cut_to_clusters(s: Tensor, num_clusters: Optional[Tensor],
-                     has_nodes: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+def _cut_to_clusters(s: Tensor, num_clusters: Optional[Tensor], has_nodes: Optional[Tensor],
+                     plan: Optional[Tuple[int, bool]] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Logits s [..., C] cut to K = max k_b columns, and the next level's [B, K] node mask (the
     real clusters; none for a graph without real nodes, ``has_nodes`` [B] or None = all have).
     The mask is None when every cluster is real (one k_b for the whole batch): the unmasked path.
-    Without ``num_clusters``: s unchanged and no mask."""
+    Without ``num_clusters``: s unchanged and no mask. ``plan``: ``(K, all_real)`` decided on the
+    host (:func:`cluster_plan` or ``static_plan``); None reads both from the tensors (host syncs)."""
     if num_clusters is None:
         return s, None
-    K = int(num_clusters.max()) if num_clusters.numel() else 1
+    if plan is not None:
+        K, all_real = plan
+    else:
+        K = int(num_clusters.max()) if num_clusters.numel() else 1
     mask = cluster_mask(num_clusters, K)
     if has_nodes is not None:
         mask = mask & has_nodes[:, None]
-    return s[..., :K], None if bool(mask.all()) else mask
+    if plan is None:
+        all_real = bool(mask.all())
+    return s[..., :K], None if all_real else mask
+
+
+def cluster_plan(sizes: Tensor, ratio: float, level_clusters: Sequence[int]) -> List[Tuple[int, bool]]:
+    """Per pooling level, ``(K, all_real)`` for graphs of ``sizes`` real nodes (CPU, [B]): K =
+    max_b k_b, and whether every graph has a node and k_b = K (the next mask is then dropped). The
+    forward pass's arithmetic (:func:`graph_clusters`, level by level), done on the host."""
+    nodes = torch.as_tensor(sizes, dtype=torch.int64).cpu()
+    has = nodes > 0
+    plan = []
+    for C in level_clusters:
+        k = graph_clusters(nodes, ratio, C)
+        K = int(k.max()) if k.numel() else 1
+        plan.append((K, bool((k == K).all()) and bool(has.all())))
+        nodes = torch.where(has, k, torch.zeros_like(k))  # a level's real nodes are its real clusters
+    return plan
 
 
 def _real_nodes(x: Tensor, mask: Optional[Tensor]) -> int:
@@ -154,6 +175,8 @@ class DenseGNN(nn.Module):
         (``count``: the count if the caller already has it)."""
         if not self._fusable(x, adj):
             return None
+        if self.norms is None:
+            return x.shape[0] * x.shape[1]  # the count only enters batch norm: not read (no host sync)
         if count is None:
             count = _real_nodes(x, mask)
         if self.norms is not None and count < 2:
@@ -292,10 +315,10 @@ class DiffPool(nn.Module):
         return a(x, adj, mask), e(x, adj, mask)
 
     def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None,
-                num_clusters: Optional[Tensor] = None) -> DiffPoolOutput:
+                num_clusters: Optional[Tensor] = None, plan: Optional[Tuple[int, bool]] = None) -> DiffPoolOutput:
         s, z = self._gnns(x, adj, mask)
         has_nodes = None if mask is None or num_clusters is None else mask.reshape(num_clusters.shape[0], -1).any(dim=1)
-        s, next_mask = _cut_to_clusters(s, num_clusters, has_nodes)
+        s, next_mask = _cut_to_clusters(s, num_clusters, has_nodes, plan)
         if self.link_norm == "graph":
             # Per-graph losses averaged over the graphs that have nodes: unlike the batch-wide
             # entropy (divided by B*N, padding included), this does not change with how far a
@@ -318,7 +341,8 @@ class DiffPool(nn.Module):
         return DiffPoolOutput(out, out_adj, link, ent, z, s, next_mask)
 
     def forward_edges(self, x: Tensor, edge_index: Tensor, batch: Tensor, num_graphs: int,
-                      edge_weight: Optional[Tensor] = None, num_clusters: Optional[Tensor] = None) -> DiffPoolOutput:
+                      edge_weight: Optional[Tensor] = None, num_clusters: Optional[Tensor] = None,
+                      plan: Optional[Tuple[int, bool]] = None) -> DiffPoolOutput:
         """:meth:`forward` on a sparse batch: x [N, F], ``edge_index`` [2, E], ``batch`` [N] (sorted
         graph ids), ``num_graphs`` B. Returns the same outputs as the dense form of the batch
         (each graph padded to the largest): x [B, C, F] and adj [B, C, C] dense, the losses as
@@ -330,7 +354,7 @@ class DiffPool(nn.Module):
         s = self.assign.forward_edges(x, edge_index, edge_weight, check=False)
         z = self.embed.forward_edges(x, edge_index, edge_weight, check=False)
         has_nodes = None if num_clusters is None else torch.bincount(batch, minlength=num_graphs) > 0
-        s, next_mask = _cut_to_clusters(s, num_clusters, has_nodes)
+        s, next_mask = _cut_to_clusters(s, num_clusters, has_nodes, plan)
         # The edge pass has no Triton kernel: level 0 runs the torch one under backend="triton".
         backend = "torch" if self.backend == "triton" else self.backend
         if self.link_norm == "graph":
@@ -534,6 +558,11 @@ class DiffPoolClassifier(nn.Module):
         )
         self.dropout = dropout
         self.link_weight, self.ent_weight = float(link_weight), float(ent_weight)
+        #: Clusters per graph: False makes a level as wide as its batch's largest k_b; True as
+        #: wide as the padded size N allows (:meth:`static_plan`), mask kept: shapes that depend on
+        #: the batch's shape alone, as a captured CUDA graph needs (train --cuda-graphs on). The
+        #: same function up to rounding (the extra clusters are masked out).
+        self.static_clusters = False
 
     @property
     def num_levels(self) -> int:
@@ -541,13 +570,17 @@ class DiffPoolClassifier(nn.Module):
 
     def forward(self, x: Tensor, adj: Tensor, mask: Optional[Tensor] = None, *, batch: Optional[Tensor] = None,
                 edge_weight: Optional[Tensor] = None, num_graphs: Optional[int] = None,
-                return_terms: bool = False):
+                return_terms: bool = False, graph_sizes: Optional[Tensor] = None):
+        """See the class docstring. ``graph_sizes``: optional, the graphs' real node counts as a
+        CPU tensor [B] (the loader knows them): clusters per graph then size the levels on the
+        host (:func:`cluster_plan`), with no host sync; same results. Checked against ``mask`` or
+        ``batch`` only when the batch is on the CPU."""
         if batch is not None or _is_edge_list(x, adj):
             if batch is None:
                 batch = mask  # forward(x, edge_index, batch): the third argument is the batch vector
             elif mask is not None:
                 raise ValueError("pass the batch vector once: as the third argument or as batch=, not both")
-            return self._forward_edges(x, adj, batch, edge_weight, num_graphs, return_terms)
+            return self._forward_edges(x, adj, batch, edge_weight, num_graphs, return_terms, graph_sizes)
         if edge_weight is not None or num_graphs is not None:
             raise ValueError("edge_weight and num_graphs belong to the edge-list form forward(x, edge_index, batch)")
         if x.dim() == 2:
@@ -558,17 +591,48 @@ class DiffPoolClassifier(nn.Module):
         # One conversion of a byte adjacency for all the layers and the pooling of level 0.
         if not adj.is_floating_point():
             adj = adj.to(x.dtype)
+        plan = self._plan(x.shape[0], x.shape[1], graph_sizes, None if mask is None else mask.sum(dim=1))
         reads = []
         link = x.new_zeros(())
         ent = x.new_zeros(())
-        return self._levels(x, adj, mask, self.levels, reads, link, ent, return_terms)
+        return self._levels(x, adj, mask, self.levels, reads, link, ent, return_terms, plan=plan)
+
+    def static_plan(self, N: int) -> List[Tuple[int, bool]]:
+        """``(K_l, False)`` per level under :attr:`static_clusters` at N padded nodes: the largest
+        k_b a graph of at most N nodes gets (K_1 = ceil(ratio N) at most C_1, and so on)."""
+        plan, n = [], torch.tensor([N], dtype=torch.int64)
+        for level in self.levels:
+            n = graph_clusters(n, self.ratio, level.clusters)
+            plan.append((int(n[0]), False))
+        return plan
+
+    def _plan(self, B: int, N: Optional[int], graph_sizes, device_sizes: Optional[Tensor]):
+        """Per level ``(K, all_real)`` decided on the host, or None (decided from the tensors)."""
+        if not self.clusters_per_graph:
+            return None
+        if self.static_clusters and N is not None:
+            return self.static_plan(N)
+        if graph_sizes is None:
+            return None
+        if isinstance(graph_sizes, Tensor) and graph_sizes.device.type != "cpu":
+            raise ValueError(f"graph_sizes must be a CPU tensor (it spares reading the device), got one on "
+                             f"{graph_sizes.device}")
+        sizes = torch.as_tensor(graph_sizes, dtype=torch.int64)
+        if sizes.shape != (B,) or (N is not None and B and int(sizes.max()) > N):
+            raise ValueError(f"graph_sizes must hold the {B} graphs' real node counts (at most {N}), got "
+                             f"{sizes.tolist()}")
+        if device_sizes is not None and device_sizes.device.type == "cpu" and not torch.equal(device_sizes, sizes):
+            raise ValueError(f"graph_sizes {sizes.tolist()} disagree with the batch's real node counts "
+                             f"{device_sizes.tolist()}")
+        return cluster_plan(sizes, self.ratio, [level.clusters for level in self.levels])
 
     def _levels(self, x: Tensor, adj: Tensor, mask: Optional[Tensor], levels, reads: List[Tensor],
-                link: Tensor, ent: Tensor, return_terms: bool, final_read: Optional[Tensor] = None):
+                link: Tensor, ent: Tensor, return_terms: bool, final_read: Optional[Tensor] = None,
+                plan: Optional[List[Tuple[int, bool]]] = None):
         """The dense levels ``levels``, the final GNN (unless ``final_read`` already holds its
-        readout), the readout and the head."""
-        for level in levels:
-            out = level(x, adj, mask, self._graph_clusters(level, x, mask))
+        readout), the readout and the head. ``plan``: the levels' ``(K, all_real)`` (``_plan``)."""
+        for i, level in enumerate(levels):
+            out = level(x, adj, mask, self._graph_clusters(level, x, mask), None if plan is None else plan[i])
             if self.readout_levels == "all":
                 reads.append(_readout(out.embedding, mask, self.readout))
             x, adj, mask = out.x, out.adj, out.mask
@@ -594,7 +658,8 @@ class DiffPoolClassifier(nn.Module):
         return graph_clusters(nodes, self.ratio, level.clusters)
 
     def _forward_edges(self, x: Tensor, edge_index: Tensor, batch: Optional[Tensor],
-                       edge_weight: Optional[Tensor], num_graphs: Optional[int], return_terms: bool):
+                       edge_weight: Optional[Tensor], num_graphs: Optional[int], return_terms: bool,
+                       graph_sizes=None):
         """Level 0 on the edge list, then the dense levels (see the class docstring)."""
         check_edges(x, edge_index, edge_weight)
         n = x.shape[0]
@@ -605,10 +670,15 @@ class DiffPoolClassifier(nn.Module):
         if batch.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"batch must hold int64 graph ids, got dtype {batch.dtype}")
         batch = batch.long()
-        needed = int(batch.max()) + 1 if n else 1
-        B = needed if num_graphs is None else int(num_graphs)
-        if B < needed:
-            raise ValueError(f"num_graphs={num_graphs} is smaller than batch.max() + 1 = {needed}")
+        on_cpu = x.device.type == "cpu"
+        B = None if num_graphs is None else int(num_graphs)
+        if on_cpu or graph_sizes is None or B is None:  # a loader's CUDA batch is not checked: no host sync
+            needed = int(batch.max()) + 1 if n else 1
+            B = needed if B is None else B
+            if B < needed:
+                raise ValueError(f"num_graphs={num_graphs} is smaller than batch.max() + 1 = {needed}")
+        counts = torch.bincount(batch, minlength=B) if on_cpu and graph_sizes is not None else None
+        plan = self._plan(B, None, graph_sizes, counts)
         reads: List[Tensor] = []
         link = x.new_zeros(())
         ent = x.new_zeros(())
@@ -619,9 +689,11 @@ class DiffPoolClassifier(nn.Module):
         k = None
         if self.clusters_per_graph:
             k = graph_clusters(torch.bincount(batch, minlength=B), self.ratio, self.levels[0].clusters)
-        out = self.levels[0].forward_edges(x, edge_index, batch, B, edge_weight, num_clusters=k)
+        out = self.levels[0].forward_edges(x, edge_index, batch, B, edge_weight, num_clusters=k,
+                                           plan=None if plan is None else plan[0])
         if self.readout_levels == "all":
             reads.append(_segment_readout(out.embedding, batch, B, self.readout))
         link = link + out.link_loss
         ent = ent + out.ent_loss
-        return self._levels(out.x, out.adj, out.mask, self.levels[1:], reads, link, ent, return_terms)
+        return self._levels(out.x, out.adj, out.mask, self.levels[1:], reads, link, ent, return_terms,
+                            plan=None if plan is None else plan[1:])

@@ -454,7 +454,7 @@ def _load_data(args, state, ckpt_path: Path):
     return ds, fp, dropped, splits
 
 
-def _fresh_state(cfg: dict, fp: dict, args) -> dict:
+def _fresh_state(cfg: dict, fp: dict, args, threads_source: str) -> dict:
     import torch
 
     root = None
@@ -464,7 +464,8 @@ def _fresh_state(cfg: dict, fp: dict, args) -> dict:
         root = str(Path(args.data_root or default_data_root()).expanduser().resolve())
     command = "diffpool-fast " + " ".join(sys.argv[1:]) if sys.argv and "diffpool" in sys.argv[0] else None
     return {"version": CKPT_VERSION, "package_version": provenance.package_version(), "config": cfg,
-            "dataset": fp, "runtime": {"threads": torch.get_num_threads(), "data_root": root,
+            "dataset": fp, "runtime": {"threads": torch.get_num_threads(), "threads_source": threads_source,
+                                       "data_root": root,
                                        "cache_dir": args.cache_dir, "command": command},
             "fold": 0, "epoch": 0, "model": None, "optimizer": None, "rng": None, "history": [],
             "fold_results": [], "elapsed": 0.0}
@@ -491,7 +492,8 @@ def run(args) -> int:
               "consider --no-bucket or --norm none", file=sys.stderr)
     threads_source = set_threads(args.threads)
     if state is not None and args.threads is not None and "threads" not in (getattr(args, "explicit", None) or ()):
-        threads_source = "the resumed run's count"  # resume.keep_runtime set args.threads to it
+        # resume.keep_runtime set args.threads to the run's count: it came from where the run's came from
+        threads_source = state["runtime"].get("threads_source", "the resumed run's count")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -531,7 +533,7 @@ def run(args) -> int:
     summary["dropped_over_max_nodes"] = dropped
 
     if state is None:
-        state = _fresh_state(cfg, fp, args)
+        state = _fresh_state(cfg, fp, args, threads_source)
         state["fold"] = getattr(args, "only_fold", None) or 0  # fold_workers: a run of one fold
         dist.record(state)
         if dist.writer:
