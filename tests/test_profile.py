@@ -446,7 +446,7 @@ def test_pyg_compiled_is_compiled_per_shape_and_timed_apart(tmp_path, idle_machi
     first, second = rows["pyg-compiled", "16"], rows["pyg-compiled", "24"]
     assert first["status"] == "ok" and float(first["compile_s"]) > 0 and float(first["time_ms"]) > 0
     assert second["status"] == "skipped" and "--compile-limit 1" in second["reason"] and second["compile_s"] == ""
-    assert "torch.compile(PyG): compiled in" in (out / "profile.md").read_text()
+    assert "torch.compile(PyG): first forward+backward" in (out / "profile.md").read_text()
 
 
 def test_dispatch_cases_take_full_rows_of_both_paths_under_highest():

@@ -40,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--backend", default="all",
                    help=f"{', '.join(PROFILE_BACKENDS)}, all ({','.join(ALL_BACKENDS)}), or a comma list; auto = "
                         "dense_diff_pool's default backend, labelled with the path it picked; pyg-compiled (or compile) = "
-                        "torch.compile of PyG, compiled once per shape and precision, compile time reported apart (default: %(default)s)")
+                        "torch.compile of PyG, compiled once per shape, compile time (compile_s) reported apart (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda when available (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per backend (default: %(default)s)")

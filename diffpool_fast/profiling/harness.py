@@ -2,7 +2,7 @@
 
 Backends: ``torch`` (our lean path, ``dense_diff_pool(..., backend="torch")``), ``pyg``
 (``torch_geometric.nn.dense_diff_pool``), ``pyg-compiled`` (``torch.compile`` of PyG's function,
-compiled afresh for every shape and precision by :func:`compile_for`, which times the compile;
+compiled afresh for every shape by :func:`compile_for`, which times the compile;
 ``compile`` is its older name), ``triton`` (``dense_diff_pool(..., backend="triton")``), ``auto``
 (``dense_diff_pool(..., backend="auto")``: what a user gets by default; :func:`auto_path` says
 which path it runs). A backend that cannot run here is a :class:`Backend` without ``fn`` and with
@@ -180,16 +180,21 @@ def make_backend(name: str, device: str, shape: Optional[Shape] = None) -> Backe
     raise ValueError(f"unknown backend {name!r}")
 
 
-def compile_for(backend: Backend, inp: "Inputs", device: str) -> float:
-    """pyg-compiled: compile PyG's function afresh for these inputs and the matmul precision in
-    force, and return the seconds of the first forward+backward, which compiles both graphs.
+def compile_for(backend: Backend, inp: "Inputs", device: str, fresh: bool = True) -> float:
+    """pyg-compiled: the seconds of the first forward+backward on these inputs, which compiles.
 
-    Dynamo's caches are reset first, so that the compile is counted whole and dynamo's limit of
-    recompilations per function (after which it silently runs eagerly) is never reached."""
+    ``fresh``: compile PyG's function afresh (dynamo's caches reset first, so that the compile is
+    counted whole and dynamo's limit of recompilations per function, after which it silently runs
+    eagerly, is never reached). Otherwise keep the function compiled for these inputs before
+    (under another matmul precision): what the first step costs then is a recompile if dynamo's
+    guards ask for one, else just the step."""
     import torch
 
-    torch._dynamo.reset()
-    fn = torch.compile(backend.base, dynamic=False)
+    if fresh or backend.fn is None:
+        torch._dynamo.reset()
+        fn = torch.compile(backend.base, dynamic=False)
+    else:
+        fn = backend.fn
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -251,7 +251,8 @@ def op_table_markdown(records: List[Dict[str, object]]) -> str:
                 cells += [str(r.get(c, "")) for c in ERROR_COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
             if r.get("compile_s") not in (None, ""):
-                notes.append(f"{name}: compiled in {float(r['compile_s']):.1f} s (first forward+backward; not in the time)")
+                notes.append(f"{name}: first forward+backward {float(r['compile_s']):.1f} s (compiles, or loads "
+                             "from Inductor's on-disk cache; not in the time)")
             if r["backend"] == "auto" and r.get("dispatch"):
                 notes.append(f"{name}: {r['dispatch']}")
         lines += [""] + [f"- {n}" for n in notes] if notes else []

@@ -13,7 +13,8 @@ The op table (issue 19): ``--shapes`` lists shapes explicitly (``BxNxCxF``, with
 an adjacency dtype as suffix), ``--precision highest,high`` measures each shape under each
 ``torch.set_float32_matmul_precision`` setting (a ``precision`` column), ``--accuracy`` adds the
 relative Frobenius errors against PyG's formulas in float64 on the same inputs, ``pyg-compiled``
-is compiled afresh per shape and precision with its compile time in ``compile_s``, and ``auto``
+is compiled afresh per shape (its first forward+backward under each precision, a compile or a
+recompile, in ``compile_s``, not in the times), and ``auto``
 is labelled with the path ``backend="auto"`` took and why (``dispatch``). profile.md then ends
 with one forward+backward block per shape and precision, in the format of the first GPU run.
 ``--write-dispatch PATH`` writes the faster of our two paths per bucket into the dispatch table.
@@ -344,7 +345,7 @@ def profile_shape(cfg: Config, shape: Shape, backends: Dict[str, Backend], timer
         here = list(live)
         if "pyg-compiled" in here:
             try:
-                seconds = compile_for(backends["pyg-compiled"], inp, cfg.device)
+                seconds = compile_for(backends["pyg-compiled"], inp, cfg.device, fresh=prec == precisions[0])
                 for row in rows_of("pyg-compiled", prec):
                     row.compile_s = seconds
             except Exception as err:
