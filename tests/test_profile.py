@@ -519,3 +519,18 @@ def test_write_dispatch_writes_this_capability_from_the_measured_rows(tmp_path, 
     # nothing to compare: not written, and said so
     text, ok = write_dispatch(cfg, [rec("torch", 2.0, 512)], {"capability": "8.6", "device": "x"}, {})
     assert not ok and "NOT written" in text
+
+
+def test_model_profile_keeps_its_defaults_and_refuses_op_table_options(tmp_path, capsys, monkeypatch):
+    seen = {}
+
+    def fake_run_model(args):
+        seen.update(batch=args.batch, nodes=args.nodes, features=args.features)
+        return 0
+
+    monkeypatch.setattr("diffpool_fast.profiling.run.run_model", fake_run_model)
+    assert cli.main(["profile", "--model", "--device", "cpu", "--backend", "torch", "--out", str(tmp_path / "m")]) == 0
+    assert seen == {"batch": 16, "nodes": "128,256,512,1024", "features": 64}
+    for extra in (["--shapes", "2x16x4x4"], ["--precision", "high"]):
+        assert cli.main(["profile", "--model", "--device", "cpu", "--out", str(tmp_path / "m")] + extra) == 2
+        assert "not of --model" in capsys.readouterr().err

@@ -97,8 +97,14 @@ def _run_model(args) -> int:
 
     from .harness import triton_unavailable
     from .model_step import MODEL_BACKENDS
-    from .options import choice_list, resolve_device
+    from .options import SHAPE_DEFAULTS, choice_list, resolve_device
 
+    for flag in ("shapes", "write_dispatch", "precision", "compile_limit"):
+        if getattr(args, flag, None) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} is an option of the coarsening profile, not of --model")
+    for k, v in SHAPE_DEFAULTS.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
     wanted = choice_list(args.backend, "backend", MODEL_BACKENDS, all_=True)
     device = resolve_device(args.device)
     reason = triton_unavailable(device)
