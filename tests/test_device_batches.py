@@ -11,6 +11,7 @@ from diffpool_fast.data import collate, load_dataset
 from diffpool_fast.nn.model import DiffPoolClassifier, cluster_plan, graph_clusters
 from diffpool_fast.sparse_data import Level0Loader, collate_on, collate_sparse, model_inputs, padded_size, resident
 from diffpool_fast.train import loop
+from diffpool_fast.train.steps import STEP_STATS
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_a_training_epoch_makes_no_host_sync_in_the_loop_or_the_model(ds, monkey
     spy = Spy()
     with spy:
         metrics = loop._train_epoch(model, opt, loader, 0, torch.device("cpu"), 2.0)
-    assert reads == [len(loop.STEP_STATS)]  # the epoch's one read of its sums
+    assert reads == [len(STEP_STATS)]  # the epoch's one read of its sums
     assert not spy.mine, spy.mine
     assert 0 <= metrics["acc"] <= 1 and steps == 5
     # what is left comes from the coarsening ops' checks (not this issue's files), at most a few per step

@@ -129,7 +129,18 @@ def register(sub) -> None:
               "256 nodes or more, at most 5%% of the adjacency nonzero; DIFFPOOL_FAST_SPARSE=0/1 forces "
               "dense/sparse) (default: %(default)s)")
     _opt(t, "--threads", type=_positive(int), default=None,
-         help="torch CPU threads (default: torch's choice, lowered to the cores other processes leave idle; on --resume, the run's)")
+         help="torch CPU threads (default: $OMP_NUM_THREADS if set, else min(usable CPUs, 4), never from the machine's "
+              "load, since the count changes a run's numbers; results.json records it; on --resume, the run's)")
+    _opt(t, "--deterministic", choices=("on", "off"), default="on",
+         help="on CUDA, deterministic sums (torch.use_deterministic_algorithms: sorted segment sums instead of "
+              "atomics in the edge-list level 0 and the index/scatter backward passes), so that two runs with one "
+              "seed, and a resumed run, are bit for bit the same; off: CUDA runs differ at rounding level. No effect "
+              "on CPU, whose kernels are deterministic at a fixed thread count (default: %(default)s)")
+    _opt(t, "--cuda-graphs", choices=("on", "off"), default="off",
+         help="on CUDA, capture each batch shape's training step (forward, backward, Adam) as one CUDA graph and "
+              "replay it: batches padded to a few sizes, cluster widths from the padded size; a shape whose step "
+              "cannot be captured runs plain, with the reason printed. Off until measured on a GPU "
+              "(bench/scripts/gpu_train.py) (default: %(default)s)")
 
     m = p.add_argument_group("model")
     _opt(m, "--gnn", choices=("sage", "gcn", "gin"), default="sage", help="GNN layer (default: %(default)s)")

@@ -203,12 +203,23 @@ class Gram64(torch.autograd.Function):
         return g_D, None, None, None, None
 
 
+def weighted_count(index: Tensor, weights: Tensor, n: int) -> Tensor:
+    """``torch.bincount(index, weights, minlength=n)`` in ``weights``' dtype. On CUDA an
+    ``index_add_`` instead: a weighted bincount adds with atomics there and has no deterministic
+    form (``torch.use_deterministic_algorithms`` refuses it), while ``index_add_`` becomes a sorted
+    segment sum under that mode (``train --deterministic on``). The callers count: integer-valued
+    weights, whose sums are exact in any order."""
+    if index.device.type == "cuda":
+        return weights.new_zeros(n).index_add_(0, index, weights)
+    return torch.bincount(index, weights=weights, minlength=n)
+
+
 def per_graph_count(flag: Tensor, graph: Optional[Tensor], B: int) -> Tensor:
     """Per-graph counts of the true entries of ``flag`` [M], as float64 [B] (exact integers)."""
     if graph is None:
         out = flag.sum().to(torch.float64).reshape(1)
         return out if B == 1 else torch.cat([out, out.new_zeros(B - 1)])
-    return torch.bincount(graph, weights=flag.to(torch.float64), minlength=B)
+    return weighted_count(graph, flag.to(torch.float64), B)
 
 
 def per_graph(v: Tensor, graph: Optional[Tensor], B: int) -> Tensor:

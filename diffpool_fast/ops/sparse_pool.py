@@ -75,7 +75,7 @@ from ..config import BACKEND_ENV, EPS, POOL_BACKENDS, backend_override
 from .coarsen_torch import compute_dtype
 from .inputs import check_num_clusters, cluster_mask
 from .pool import _normalize_mode, finish_losses
-from .sparse_blocks import Gram64, GraphBlocks, Products, per_graph, per_graph_count
+from .sparse_blocks import Gram64, GraphBlocks, Products, per_graph, per_graph_count, weighted_count
 from .sparse_edges import EdgeTerms, Pattern, SpMM, first_order
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -468,8 +468,8 @@ def _hard_split_terms(S, k, assigned, A_val, pattern, blocks, graph, eg, B, urow
     # counts are exact, and d64's gradient meets K_diag64's in float64, where they cancel
     cnt_dt = torch.float32 if same.numel() < (1 << 24) else f64
     same_w = same.to(cnt_dt)
-    cnt = torch.bincount(urow, weights=same_w, minlength=N).to(f64)
-    cnt += torch.bincount(ucol, weights=same_w, minlength=N).to(f64)
+    cnt = weighted_count(urow, same_w, N).to(f64)
+    cnt += weighted_count(ucol, same_w, N).to(f64)
     del same_w
     lin_same = per_graph(d64 * cnt, graph, B)
 

@@ -21,6 +21,7 @@ the full configuration.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import math
@@ -82,16 +83,18 @@ def _validate(args) -> None:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
 
 
-def _adam(model, lr, weight_decay):
+def _adam(model, lr, weight_decay, capturable: bool = False):
     """Adam with the fused (one kernel over all parameters) implementation where this torch has
-    it for the parameters' device: the same update, fewer launches over this model's ~80 small
-    parameter tensors (bench/notes/train_step_variants.md). Falls back to the default one."""
+    it for the parameters' device (CPU and CUDA): the same update, fewer launches over this
+    model's ~80 small parameter tensors (bench/notes/train_step_variants.md). Falls back to the
+    default one. ``capturable``: its step may be captured in a CUDA graph (train --cuda-graphs)."""
     import torch
 
+    kw = {"capturable": True} if capturable else {}
     try:
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
 
 
 #: ``train``'s torch thread count without ``--threads``: the CPUs this process may use, at most
@@ -201,55 +204,16 @@ def _evaluate(model, loader, device):
     return (loss_sum / max(total, 1), int(correct) / max(total, 1))
 
 
-#: entries of a training step's statistics vector (float64, on the device): the step's loss,
-#: cross-entropy, link and entropy terms each times its graphs, its correct predictions, its
-#: graphs, and 1 when its loss is not finite
-STEP_STATS = ("loss", "ce", "link", "ent", "correct", "graphs", "nonfinite")
-
-
-def step_stats(loss, ce, terms, logits, y):
-    """The :data:`STEP_STATS` vector of one step, computed on the device (no host sync). The
-    products and sums are the float64 arithmetic ``float(loss) * n`` did on the host, so the
-    epoch's numbers are bit for bit the same."""
-    import torch
-
-    n = y.numel()
-    parts = torch.stack([t.detach().to(torch.float64) for t in (loss, ce, terms["link"], terms["ent"])])
-    correct = (logits.detach().argmax(-1) == y).sum().to(torch.float64)
-    bad = (~torch.isfinite(loss.detach())).to(torch.float64)
-    return torch.cat([parts * n, torch.stack([correct, correct.new_full((), n), bad])])
-
-
-def train_step(model, opt, b, clip):
-    """One training step on batch ``b`` (already on the model's device): forward, backward,
-    clipping, optimizer step. Returns its :data:`STEP_STATS` vector (on the device). A
-    non-finite loss is not checked here (that would be a host sync per step): the epoch reads
-    the flags once at its end."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..sparse_data import model_inputs
-
-    opt.zero_grad(set_to_none=True)
-    inputs, kw = model_inputs(b)  # a dense or a sparse (edge-list) batch: --level0
-    logits, aux, terms = model(*inputs, **kw, return_terms=True)
-    ce = F.cross_entropy(logits, b.y)
-    loss = ce + aux
-    loss.backward()
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-    return step_stats(loss, ce, terms, logits, b.y)
-
-
 def _train_epoch(model, opt, loader, epoch, device, clip, steps=None):
     """One epoch; returns its mean loss, terms and accuracy. Every step's statistics are added
     on the device and read once at the end (one host sync per epoch, none per step). A
     non-finite loss raises ``FloatingPointError`` at the end of the epoch, naming its first
     step; the run's checkpoint still holds the epochs before. ``steps``: a
-    :class:`~diffpool_fast.train.cuda_graphs.GraphSteps` that runs the batches it can as
+    :class:`~diffpool_fast.train.steps.GraphSteps` that runs the batches it can as
     captured CUDA graphs (None: every step is :func:`train_step`)."""
     import torch
+
+    from .steps import STEP_STATS, train_step
 
     model.train()
     sums = torch.zeros(len(STEP_STATS), dtype=torch.float64, device=device)
@@ -477,6 +441,7 @@ def run(args) -> int:
 
     from ..nn.model import cluster_counts
     from ..sparse_data import Level0Loader
+    from .steps import CudaCapture, GraphSteps, deterministic
 
     _validate(args)
     dist = distributed.start(args)  # one process (a no-op) outside torchrun
@@ -554,12 +519,21 @@ def run(args) -> int:
               f"on {device}; writing {out}/" + (f" ({dist.world} ranks)" if dist.active else ""), file=sys.stderr)
 
     fold_bar = tqdm(total=len(splits), initial=state["fold"], desc="folds", unit="fold", disable=progress, position=0)
+    # on CUDA: deterministic sums (--deterministic), batches built on the GPU, captured steps (--cuda-graphs)
+    on_gpu = device.type == "cuda"
+    graphs = on_gpu and not dist.active and getattr(args, "cuda_graphs", "off") == "on"
+    if getattr(args, "cuda_graphs", "off") == "on" and not graphs and dist.writer:
+        print("diffpool-fast train: --cuda-graphs on: " + ("not with --nproc-per-node" if on_gpu else "no CUDA device")
+              + "; every step runs plain", file=sys.stderr)
+    gpu_context = contextlib.ExitStack()
+    gpu_context.enter_context(deterministic(device, getattr(args, "deterministic", "on") == "on"))
     try:
         last = len(splits) if getattr(args, "only_fold", None) is None else args.only_fold + 1
         train_epoch, evaluate = (dist.train_epoch, dist.evaluate) if dist.active else (_train_epoch, _evaluate)
         # --level0: dense or sparse (edge-list) batches, the same graphs in each (sparse_data.Level0Loader)
         level0 = "dense" if getattr(args, "link_loss", "frobenius") == "bce" else args.level0
-        load = dist.loader if dist.active else functools.partial(Level0Loader, level0=level0, device=device)
+        load = dist.loader if dist.active else functools.partial(Level0Loader, level0=level0, device=device,
+                                                                 resident=on_gpu, pad_ladder=graphs)
         for fold in range(state["fold"], last):
             tr, va, te = splits[fold]
             train_loader = load(ds, tr, batch_size=args.batch_size, shuffle=True, bucket=args.bucket, seed=_seed_for(args.seed, fold, -2))
@@ -567,7 +541,8 @@ def run(args) -> int:
             test_loader = load(ds, te, batch_size=args.batch_size, bucket=args.bucket)
             torch.manual_seed(_seed_for(args.seed, fold, -1))
             model = _build_model(cfg, ds).to(device)
-            opt = _adam(model, args.lr, args.weight_decay)
+            opt = _adam(model, args.lr, args.weight_decay, capturable=graphs)
+            steps = GraphSteps(model, opt, args.clip, CudaCapture(device)) if graphs else None
             start_epoch = 0
             if state["model"] is not None and state["fold"] == fold:
                 resume.restore(model, opt, state, ckpt_path)
@@ -582,7 +557,8 @@ def run(args) -> int:
                 torch.manual_seed(_seed_for(args.seed, fold, epoch))
                 t0 = time.perf_counter()
                 try:
-                    tm = train_epoch(model, opt, train_loader, epoch, device, args.clip)
+                    tm = train_epoch(model, opt, train_loader, epoch, device, args.clip,
+                                     **({"steps": steps} if steps is not None else {}))
                 except FloatingPointError as err:
                     raise UsageError(f"fold {fold + 1}: {err}: training diverged (try a smaller --lr, or --clip); "
                                      f"the checkpoint keeps the epochs before") from None
@@ -615,6 +591,8 @@ def run(args) -> int:
                     "train_seconds_per_epoch": sum(r["train_seconds"] for r in rows) / len(rows),
                     "epoch_seconds_mean": sum(r["epoch_seconds"] for r in rows) / len(rows),
                     "n_train": len(tr), "n_val": len(va), "n_test": len(te)}
+            if steps is not None:
+                fres["cuda_graphs"] = steps.summary()
             state["fold_results"].append(fres)
             # The finished fold's final model is kept (last_model) for users and for checking resume.
             state.update(fold=fold + 1, epoch=0, model=None, optimizer=None, rng=None, last_model=model.state_dict(),
@@ -629,6 +607,7 @@ def run(args) -> int:
                            f"{fres['train_seconds_per_epoch']:.2f} s/epoch", file=sys.stderr)
     finally:
         fold_bar.close()
+        gpu_context.close()
 
     # every rank is done with collectives: meet once more, then leave the process group together
     # (a rank that exits while another still has the group open can take that one down with it)

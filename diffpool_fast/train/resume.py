@@ -36,7 +36,7 @@ KEPT_RUNTIME = ("threads", "data_root", "cache_dir")
 _FLAG_NAMES = {"bucket": "--no-bucket", "jk": "--no-jk", "clusters_per_graph": "--clusters-per-graph/--fixed-clusters"}
 
 #: options newer than some checkpoints, with the value that reproduces what such a run computed
-ADDED_OPTIONS = {"clusters_per_graph": False, "link_loss": "frobenius"}
+ADDED_OPTIONS = {"clusters_per_graph": False, "link_loss": "frobenius", "deterministic": "on", "cuda_graphs": "off"}
 
 #: top-level entries of a checkpoint and their types
 _FIELDS = {
