@@ -82,8 +82,13 @@ def sparse_mode() -> str:
     return mode if mode in ("0", "1") else "auto"
 
 
+#: whether triton can be imported, probed once at import: ``torch.compile`` (dynamo 2.11) refuses
+#: to trace ``importlib.util.find_spec``, so no traced code may call it
+TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_IMPORTABLE
 
 
 def triton_interpreting() -> bool:

@@ -333,6 +333,13 @@ def test_bce_skips_the_direct_link_recompute(monkeypatch, backend, link_loss):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(link_exact, "exact_link", counting)
+    # the Triton path's direct recompute: the residual passes (launched for every graph, each
+    # deciding on the device whether its graph is flagged)
+    from diffpool_fast.kernels import adjacency
+
+    for name in ("link_residual", "link_residual_bwd"):
+        monkeypatch.setattr(adjacency, name, (lambda real: lambda *a, **k: (calls.append(1), real(*a, **k))[1])(
+            getattr(adjacency, name)))
     dt = torch.float32 if backend == "triton" else torch.float64
     x, adj, s = two_cliques(12.0, dtype=dt)
     x, adj, s = x.to(DEVICE), adj.to(DEVICE), s.to(DEVICE)

@@ -13,6 +13,8 @@ from diffpool_fast.ops.coarsen_triton import coarsen_triton, unsupported_reason
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 f32 = torch.float32
+# the op's plan arguments: sym_mode, mode (numel), per_graph, exact, parts, result dtype code (fp32)
+PLAN = ("check", 0, False, True, 3, 0)
 
 
 def test_opcheck_forward_and_backward_ops():
@@ -22,7 +24,7 @@ def test_opcheck_forward_and_backward_ops():
     x.requires_grad_()
     s.requires_grad_()
     adj.requires_grad_()
-    torch.library.opcheck(torch.ops.diffpool_fast.coarsen.default, (x, adj, s, mask, True, -1),
+    torch.library.opcheck(torch.ops.diffpool_fast.coarsen.default, (x, adj, s, mask, None) + PLAN,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
 
@@ -109,10 +111,12 @@ def test_auto_backend_on_cpu_is_torch(monkeypatch):
     assert dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
-@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
-def test_opcheck_with_precision_argument_and_flags(precision):
-    """The ops take the dot precision as an argument (issue 11 item 5) and the forward returns the
-    [B] int32 flags of graphs recomputed directly (item 3): schema, fake tensors, autograd."""
+@pytest.mark.parametrize("parts", [3, 2])
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["numel", "none", "graph"])
+def test_opcheck_with_plan_arguments_and_flags(parts, mode):
+    """The op takes the product precision (bf16 parts) and the losses' normalisation as arguments
+    and returns the per-graph flags of graphs whose link is recomputed directly (fin[:, 3]):
+    schema, fake tensors, autograd registration."""
     g = fresh_generator()
     x, adj, s, mask = make_inputs(2, 21, 6, 5, f32, f32, "pad", "asym", g)
     # graph 0 near an exact fit (flagged), graph 1 random
@@ -125,10 +129,10 @@ def test_opcheck_with_precision_argument_and_flags(precision):
     mask[0] = True
     x.requires_grad_()
     s.requires_grad_()
-    args = (x, adj, s, mask, True, -1, precision)
+    args = (x, adj, s, mask, None, "check", mode, mode == 2, True, parts, 0)
     outs = torch.ops.diffpool_fast.coarsen(*args)
-    assert len(outs) == 9 and outs[8].dtype == torch.int32
-    assert outs[8].tolist() == [1, 0], outs[8]
+    assert len(outs) == 12
+    assert outs[9][:, 3].tolist() == [1.0, 0.0], outs[9]
     torch.library.opcheck(torch.ops.diffpool_fast.coarsen.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -141,7 +145,7 @@ def test_opcheck_and_compile_with_num_clusters():
     k = torch.tensor([1, 7, 4], dtype=torch.int32, device=DEVICE)
     x.requires_grad_()
     s.requires_grad_()
-    torch.library.opcheck(torch.ops.diffpool_fast.coarsen.default, (x, adj, s, mask, True, -1, "tf32x3", k),
+    torch.library.opcheck(torch.ops.diffpool_fast.coarsen.default, (x, adj, s, mask, k) + PLAN,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     def step(x, adj, s, mask, k):

@@ -139,9 +139,16 @@ def _link_sq(adj_sq: Tensor, out_adj: Tensor, StS: Tensor) -> Tuple[Tensor, Tens
     return adj_sq - 2.0 * trace + sts_sq, sts_sq
 
 
+def reads_stall(device) -> bool:
+    """Whether reading a tensor's values on ``device`` would stall the host until the device
+    drains (every device but the CPU): the step then reads none."""
+    return device.type != "cpu"
+
+
 def _flagged(flags: Tensor) -> Tensor:
-    """Indices of the flagged graphs; all of them under torch.compile (see forward)."""
-    if torch.compiler.is_compiling():
+    """Indices of the flagged graphs; all of them where the forward recomputed every graph's D
+    (under torch.compile, or off the CPU), so nothing is read back from the device."""
+    if torch.compiler.is_compiling() or reads_stall(flags.device):
         return torch.arange(flags.shape[0], device=flags.device)
     return flags.nonzero().squeeze(1)
 
@@ -166,18 +173,22 @@ class CoarsenTorchFunction(torch.autograd.Function):
         raw, sts_sq = _link_sq(adj_sq, out_adj, StS)
         flags = link_exact.cancellation_flags(adj_sq, sts_sq, raw)
         D = None
-        # Under torch.compile a branch on the flags' values would break the graph: there every
-        # graph takes the direct recompute (exact, one more chunked pass over A).
+        # Under torch.compile a branch on the flags' values would break the graph, and on a GPU
+        # reading them would stall the host until the device drains: there every graph takes the
+        # direct recompute (exact, one more chunked pass over A), Q and dQ/dS, so nothing is read
+        # back. On the CPU only flagged graphs are recomputed.
         compiling = torch.compiler.is_compiling()
+        sync_free = compiling or reads_stall(S.device)
         if not exact:  # the caller discards link_sq (the BCE link loss): no recompute
             flags = torch.zeros_like(flags)
-        elif compiling:
+        elif sync_free:
+            raw, D = link_exact.exact_link(adj, S, list(range(flags.shape[0])), want_d=ctx.needs_input_grad[2],
+                                           symmetric=symmetric, chunk_bytes=CONVERT_CHUNK_BYTES)
             flags = torch.ones_like(flags)
-        if exact and (compiling or bool(flags.any())):
-            idx = _flagged(flags)
-            q_exact, D = link_exact.exact_link(
-                adj, S, list(range(flags.shape[0])) if compiling else idx, want_d=ctx.needs_input_grad[2], symmetric=symmetric,
-                chunk_bytes=CONVERT_CHUNK_BYTES)
+        elif bool(flags.any()):
+            idx = flags.nonzero().squeeze(1)
+            q_exact, D = link_exact.exact_link(adj, S, idx, want_d=ctx.needs_input_grad[2], symmetric=symmetric,
+                                               chunk_bytes=CONVERT_CHUNK_BYTES)
             raw = raw.index_put((idx,), q_exact)
         # q <= 0 (only a graph whose terms are all 0) is clamped; NaN is not
         zero = raw <= 0

@@ -149,7 +149,11 @@ def exact_link(
     sparse = isinstance(adj, BlockSparseAdj)
     # a list of every graph under torch.compile, where reading a tensor's values would break the graph
     graph_list = graphs if isinstance(graphs, list) else graphs.tolist()
-    graphs = torch.tensor(graph_list, dtype=torch.long, device=dev) if isinstance(graphs, list) else graphs
+    if isinstance(graphs, list):
+        # every graph in order (the sync-free callers): arange launches no host-to-device copy,
+        # which from pageable memory would wait for the device
+        graphs = (torch.arange(G, device=dev) if graph_list == list(range(G))
+                  else torch.tensor(graph_list, dtype=torch.long, device=dev))
     # sparse adjacencies are densified one graph's rows at a time
     blocks = row_blocks(G, N, _WIDE.itemsize, chunk_bytes) if not sparse else (
         (g, g + 1, r0, r1) for g in range(G) for _, _, r0, r1 in row_blocks(1, N, _WIDE.itemsize, chunk_bytes)

@@ -7,9 +7,10 @@ import torch
 from torch import Tensor
 
 from ..config import CONVERT_CHUNK_BYTES
+from . import dispatch_table
 from .block_sparse import BlockSparseAdj
 from .coarsen_torch import compute_dtype
-from .dispatch import check_backend, coarsen
+from .dispatch import check_backend, coarsen, resolve_backend
 from .inputs import check_num_clusters, check_pool_inputs, mask_logits, node_counts
 from .link_bce import bce_link_sums
 
@@ -174,11 +175,15 @@ def pool_with_adj_op(
     inp = check_pool_inputs(x, adj, s, mask)
     B, N, C = inp.s.shape
     k = check_num_clusters(num_clusters, B, C, inp.s.device)
+    result_dtype = torch.promote_types(inp.x.dtype, inp.s.dtype)
+    if link_loss == "frobenius" and adj_op is None:
+        fused = _fused_triton(inp, backend, mode, per_graph, adj_symmetric, k, result_dtype)
+        if fused is not None:
+            return fused
     # the BCE link loss discards link_sq: no direct recompute of graphs whose identity terms cancel
     out, out_adj, link_sq, ent_sum = coarsen(inp.x, inp.adj, inp.s, inp.mask, backend, adj_symmetric, adj_op, k,
                                              exact_link=link_loss != "bce")
     n = node_counts(inp.mask, B, N, link_sq.device)
-    result_dtype = torch.promote_types(inp.x.dtype, inp.s.dtype)
     if link_loss == "bce":
         S = assignment(inp.s, inp.mask, k, compute_dtype(inp.x, inp.s))
         bce = bce_link_sums(inp.adj if adj_op is None else adj_op, S, inp.mask)
@@ -198,6 +203,25 @@ def pool_with_adj_op(
         link.to(result_dtype),
         ent.to(result_dtype),
     )
+
+
+def _fused_triton(inp, backend: str, mode: str, per_graph: bool, adj_symmetric, k, result_dtype):
+    """The whole step on the Triton kernels, losses included (``coarsen_triton.pool_triton``:
+    seven launches forward and backward, no torch arithmetic around them), when the dispatch
+    picks Triton for these inputs and the kernels take them; else None (the caller's path warns
+    about a fallback once, through ``dispatch.coarsen``)."""
+    if resolve_backend(backend, inp.x.device, dispatch_table.bucket_of(inp.x, inp.adj, inp.s)) != "triton":
+        return None
+    from . import coarsen_triton
+
+    if coarsen_triton.unsupported_reason(inp.x, inp.adj, inp.s, inp.mask) is not None:
+        return None
+    out, out_adj, link, ent = coarsen_triton.pool_triton(
+        inp.x, inp.adj, inp.s, inp.mask, mode, per_graph, adj_symmetric=adj_symmetric, num_clusters=k,
+        result_dtype=result_dtype)
+    if result_dtype != torch.float32:
+        out, out_adj = out.to(result_dtype), out_adj.to(result_dtype)
+    return out, out_adj, link, ent
 
 
 def assignment(s: Tensor, mask: Optional[Tensor], num_clusters: Optional[Tensor], dt: torch.dtype) -> Tensor:

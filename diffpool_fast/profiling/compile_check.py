@@ -1,13 +1,15 @@
 """Compile every Triton kernel ahead of time, without a GPU.
 
 Each kernel is compiled with ``triton.compile`` for every block configuration its launch helper
-can pick (the helpers' tables), crossed with the dtype and flag specialisations that change its
-code, with and without 16-divisible strides (``div16``: how triton's launcher specialises them
-when N is a multiple of 16), for sm_80 (A100) and sm_90 (H100). For each compiled kernel the
-table shows registers a thread (under the ``maxnreg`` cap the launches pass), spilled bytes
-(``ptxas -v`` on the generated PTX, with the ptxas triton uses) and the dynamic shared memory
-triton allocates. Exit status 1 on a compile error, any spill, or shared memory above the
-target's per-block limit.
+can pick (the helpers' tables), crossed with the dtype, precision (bf16 parts) and flag
+specialisations that change its code, with and without 16-divisible strides (``div16``: how
+triton's launcher specialises them when N is a multiple of 16), for sm_80 (A100) and sm_90
+(H100/H200). For each compiled kernel the table shows registers a thread (under the ``maxnreg``
+cap the launches pass), spilled bytes (``ptxas -v`` on the generated PTX, with the ptxas triton
+uses), the dynamic shared memory triton allocates, and the tensor-core instructions of its SASS
+(``cuobjdump --dump-sass``): HGMMA (Hopper's warp-group products, sm_90) and HMMA (mma.sync).
+Exit status 1 on a compile error, any spill, shared memory above the target's per-block limit,
+or a product kernel with neither (its dots fell back to FMA).
 """
 from __future__ import annotations
 
@@ -44,111 +46,143 @@ def _row_variants(full: bool) -> List[Variant]:
 
     out = []
     for c_pad, cfg, bcfg in row_configs():
-        for ldt in ("fp32", "bf16", "fp16") if full else ("fp32",):
-            # per-graph cluster counts (num_clusters) with and without a node mask
-            for has_mask, has_nc in ((True, False), (False, False), (True, True), (False, True)):
-                args = {
-                    "logit_ptr": _TL[ldt], "mask_ptr": "*u8" if has_mask else "*fp32",
-                    "nc_ptr": "*i32" if has_nc else "*fp32",
-                    "S_ptr": "*fp32", "ent_part_ptr": "*fp32",
-                    "N": "i32", "C": "i32", "n_blocks": "i32",
-                    "stride_lb": "i32", "stride_ln": "i32", "stride_lc": 1, "stride_mb": "i32",
-                    "HAS_MASK": has_mask, "HAS_NC": has_nc, "BLOCK_N": cfg.block_n, "C_PAD": c_pad,
-                }
-                label = (f"C_PAD={c_pad} BN={cfg.block_n} w{cfg.num_warps} s={ldt} mask={int(has_mask)}"
-                         f" nc={int(has_nc)}")
-                out.append(Variant("assignment_fwd_kernel", label, args, cfg.num_warps,
-                                   cfg.num_stages))
-        # a split configuration launches the kernel for dL only (dX is a torch matmul)
-        flag_sets = ((True, False),) if bcfg.split else ((True, True), (True, False), (False, True))
-        for dt in ("fp32", "bf16", "fp16") if full else ("fp32",):
-            for need_dl, need_dx in flag_sets if (full or dt == "fp32") else flag_sets[:1]:
-                args = {
-                    "x_ptr": _TL[dt], "S_ptr": "*fp32", "AS_ptr": "*fp32", "AtS_ptr": "*fp32",
-                    "asym_ptr": "*i32", "mask_ptr": "*u8", "g_out_ptr": "*fp32",
-                    "H1_ptr": "*fp32", "H2_ptr": "*fp32", "H3_ptr": "*fp32", "g_ent_ptr": "*fp32",
-                    "dL_ptr": _TL[dt] if need_dl else "*fp32",
-                    "dX_ptr": _TL[dt],
-                    "N": "i32", "C": "i32", "F": "i32",
-                    "stride_xb": "i32", "stride_xn": "i32", "stride_xf": 1, "stride_mb": "i32",
-                    "stride_dlb": "i32", "stride_dln": "i32", "stride_dlc": 1,
-                    "stride_dxb": "i32", "stride_dxn": "i32", "stride_dxf": 1,
-                    "HAS_MASK": True, "NEED_DL": need_dl, "NEED_DX": need_dx,
-                    "BLOCK_N": bcfg.block_n, "BLOCK_K": bcfg.block_k, "C_PAD": c_pad,
-                    "DOT_PRECISION": bcfg.dot_precision,
-                }
-                label = (f"C_PAD={c_pad} BN={bcfg.block_n} BK={bcfg.block_k} w{bcfg.num_warps} "
-                         f"s{bcfg.num_stages} {bcfg.dot_precision}{' split' if bcfg.split else ''} "
-                         f"x,s={dt} dL={int(need_dl)} dX={int(need_dx)}")
-                out.append(Variant("assignment_bwd_kernel", label, args, bcfg.num_warps,
-                                   bcfg.num_stages))
+        for parts in (3, 2) if full else (3,):
+            for ldt in ("fp32", "bf16", "fp16") if full else ("fp32",):
+                for has_mask, has_nc in ((True, False), (False, False), (True, True), (False, True)):
+                    args = {
+                        "logit_ptr": _TL[ldt], "mask_ptr": "*u8" if has_mask else "*fp32",
+                        "nc_ptr": "*i32" if has_nc else "*fp32",
+                        "S_ptr": "*fp32", "Sp_ptr": "*bf16", "work_ptr": "*fp32",
+                        "N": "i32", "C": "i32", "W": "i32", "col_ent": "i32", "col_cnt": "i32", "plane": "i32",
+                        "stride_lb": "i32", "stride_ln": "i32", "stride_lc": 1, "stride_mb": "i32",
+                        "HAS_MASK": has_mask, "HAS_NC": has_nc, "BLOCK_N": cfg.block_n, "C_PAD": c_pad,
+                        "PARTS": parts,
+                    }
+                    label = (f"C_PAD={c_pad} BN={cfg.block_n} w{cfg.num_warps} P{parts} s={ldt} "
+                             f"mask={int(has_mask)} nc={int(has_nc)}")
+                    out.append(Variant("assignment_fwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
+            flag_sets = ((True, True), (True, False), (False, True)) if full else ((True, True),)
+            for dt in ("fp32", "bf16", "fp16") if full else ("fp32",):
+                for need_dl, need_dx in flag_sets if dt == "fp32" else flag_sets[:1]:
+                    args = {
+                        "x_ptr": _TL[dt], "S_ptr": "*fp32", "AS_ptr": "*fp32", "AtS_ptr": "*fp32", "D_ptr": "*fp32",
+                        "asym_ptr": "*i32", "mask_ptr": "*u8", "StS_ptr": "*fp32",
+                        "g_out_ptr": "*fp32", "G_ptr": "*fp32", "fin_ptr": "*fp64", "aux_ptr": "*fp64",
+                        "gq_ptr": "*fp64", "gent_ptr": "*fp64", "glink_ptr": "*fp32", "gentl_ptr": "*fp32",
+                        "dL_ptr": _TL[dt] if need_dl else "*fp32", "dX_ptr": _TL[dt],
+                        "B": "i32", "N": "i32", "C": "i32", "F": "i32",
+                        "sg_q": "i32", "sg_e": "i32", "sg_l": "i32", "sg_el": "i32",
+                        "stride_xb": "i32", "stride_xn": "i32", "stride_xf": 1, "stride_mb": "i32",
+                        "stride_gob": "i32", "stride_goc": "i32", "stride_gof": 1,
+                        "stride_Gb": "i32", "stride_Gr": "i32", "stride_Gc": 1,
+                        "stride_dlb": "i32", "stride_dln": "i32", "stride_dlc": 1,
+                        "stride_dxb": "i32", "stride_dxn": "i32", "stride_dxf": 1,
+                        "HAS_MASK": True, "NEED_DL": need_dl, "NEED_DX": need_dx, "HAS_D": True,
+                        "HAS_GOUT": True, "HAS_G": True, "HAS_GQ": True, "HAS_GENT": True,
+                        "HAS_GLINK": True, "HAS_GENTL": True, "MODE": 0, "PER_GRAPH": False,
+                        "BLOCK_N": bcfg.block_n, "BLOCK_K": bcfg.block_k, "C_PAD": c_pad, "PARTS": parts,
+                    }
+                    label = (f"C_PAD={c_pad} BN={bcfg.block_n} BK={bcfg.block_k} w{bcfg.num_warps} "
+                             f"s{bcfg.num_stages} P{parts} x,s={dt} dL={int(need_dl)} dX={int(need_dx)}")
+                    out.append(Variant("assignment_bwd_kernel", label, args, bcfg.num_warps, bcfg.num_stages))
     return out
 
 
 def _gram_variants(full: bool) -> List[Variant]:
-    from ..kernels.gram import GRAM_DOT_PRECISION, gram_configs
+    from ..kernels.gram import gram_configs
 
     out = []
-    for cfg in gram_configs():
-        for ydt in ("fp32", "bf16", "fp16") if full else ("fp32",):
-            args = {
-                "S_ptr": "*fp32", "Y_ptr": _TL[ydt], "out_ptr": "*fp32",
-                "N": "i32", "C": "i32", "K": "i32",
-                "stride_yb": "i32", "stride_yn": "i32", "stride_yk": 1,
-                "BLOCK_C": cfg.block_c, "BLOCK_K": cfg.block_k, "BLOCK_N": cfg.block_n,
-                "DOT_PRECISION": GRAM_DOT_PRECISION,
-            }
-            label = (f"BC={cfg.block_c} BK={cfg.block_k} BN={cfg.block_n} w{cfg.num_warps} "
-                     f"s{cfg.num_stages} Y={ydt}")
-            out.append(Variant("gram_fwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
+    for c_pad, cfg in gram_configs():
+        for parts in (3, 2) if full else (3,):
+            for ydt in ("fp32", "bf16", "fp16") if full else ("fp32",):
+                args = {
+                    "x_ptr": _TL[ydt], "Sp_ptr": "*bf16", "AS_ptr": "*fp32", "out_ptr": "*fp32",
+                    "out_adj_ptr": "*fp32", "StS_ptr": "*fp32", "work_ptr": "*fp32",
+                    "N": "i32", "C": "i32", "F": "i32", "W": "i32", "c_tr": "i32", "c_sts": "i32",
+                    "c_asym": "i32", "n_adj": "i32", "plane": "i32", "n_ft": "i32",
+                    "stride_xb": "i32", "stride_xn": "i32", "stride_xf": 1,
+                    "BLOCK_C": cfg.block_c, "BLOCK_F": cfg.block_f, "BLOCK_N": cfg.block_n, "C_PAD": c_pad,
+                    "PARTS": parts, "ADJ_PAD": 16, "SYM_TILE": cfg.block_c == c_pad,
+                }
+                label = (f"C_PAD={c_pad} BC={cfg.block_c} BF={cfg.block_f} BN={cfg.block_n} w{cfg.num_warps} "
+                         f"s{cfg.num_stages} P{parts} X={ydt}")
+                out.append(Variant("gram_fwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
+    out.append(Variant("symmetrize_kernel", "BC=64", {
+        "out_adj_ptr": "*fp32", "work_ptr": "*fp32", "C": "i32", "W": "i32", "c_asym": "i32",
+        "n_adj": "i32", "BLOCK_C": 64, "ADJ_PAD": 16}, 4, 1))
+    out.append(Variant("finish_kernel", "graph mode, per graph", {
+        "work_ptr": "*fp32", "q_ptr": "*fp64", "ent_ptr": "*fp64", "fin_ptr": "*fp64", "asym_ptr": "*i32",
+        "link_ptr": "*fp32", "entl_ptr": "*fp32", "aux_ptr": "*fp64", "B": "i32", "N": "i32", "W": "i32",
+        **{k: "i32" for k in ("c_ent", "c_cnt", "n_row", "c_sq", "c_pad", "c_asym", "n_adj", "c_tr", "n_tr",
+                              "c_sts", "n_sts", "c_q", "n_q", "c_flag")},
+        "MODE": 2, "PER_GRAPH": True, "EXACT": True, "PAD_SQ": True, "BLOCK_B": 16, "ROW_PAD": 64,
+        "ADJ_PAD": 64, "TR_PAD": 4, "STS_PAD": 16, "Q_PAD": 64}, 4, 1))
     return out
 
 
 def _adjacency_variants(full: bool) -> List[Variant]:
-    from ..kernels.adjacency import (
-        ADJ_DOT_PRECISIONS,
-        adjacency_configs,
-        adjacency_grad_configs,
-    )
+    from ..kernels.adjacency import adjacency_configs, adjacency_grad_configs
 
     out = []
-    # (mode, FWD_TERMS, CHECK_SYM, SKIP_SYMMETRIC, contiguous along k?)
-    modes = (("fwd", True, False, False), ("fwd+sym", True, True, False), ("AtS", False, False, True))
-    # both dot precisions (torch's "high"/"medium" -> tf32, "highest" -> tf32x3), per C_PAD the
-    # tf32 configurations first, so that --representative's last pick of a C_PAD is tf32x3
-    precs = tuple(reversed(ADJ_DOT_PRECISIONS))
-    items = [(c_pad, cfg, prec) for prec in precs for c_pad, cfg in adjacency_configs(prec)]
-    items.sort(key=lambda item: item[0])  # stable: keeps the precision order within a C_PAD
-    for c_pad, cfg, prec in items:
-        for adt in ("fp32", "fp16", "bf16", "u8") if full else ("fp32", "u8"):
-            for mode, terms, check, skip in modes:
+    # (mode, FWD_TERMS, CHECK_SYM, SKIP_SYMMETRIC, S_FP32)
+    modes = (("fwd", True, False, False, False), ("fwd+sym", True, True, False, False),
+             ("AtS", False, False, True, True))
+    for c_pad, cfg in adjacency_configs():
+        for parts in (3, 2) if full else (3,):
+            for adt in ("fp32", "fp16", "bf16", "u8") if full else ("fp32", "u8"):
+                for mode, terms, check, skip, s32 in modes:
+                    args = {
+                        "adj_ptr": _TL[adt], "Sp_ptr": "*fp32" if s32 else "*bf16", "AS_ptr": "*fp32",
+                        "work_ptr": "*fp32", "mask_ptr": "*u8", "asym_ptr": "*i32",
+                        "N": "i32", "W": "i32", "c_sq": "i32", "c_pad": "i32", "c_asym": "i32", "plane": "i32",
+                        "stride_ab": "i32",
+                        # A^T S swaps the strides: the row stride is then the unit one.
+                        "stride_ar": 1 if skip else "i32", "stride_ac": "i32" if skip else 1, "stride_mb": "i32",
+                        "FWD_TERMS": terms, "CHECK_SYM": check, "ASYM_DEFAULT": 0, "SKIP_SYMMETRIC": skip,
+                        "PAD_SQ": terms, "A_EXACT": adt in ("u8", "bf16"), "S_FP32": s32,
+                        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_C": cfg.block_c, "C_PAD": c_pad,
+                        "PARTS": parts,
+                    }
+                    label = (f"C_PAD={c_pad} BM={cfg.block_m} BK={cfg.block_k} BC={cfg.block_c} w{cfg.num_warps} "
+                             f"s{cfg.num_stages} P{parts} A={adt} {mode}")
+                    out.append(Variant("adjacency_fwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
                 args = {
-                    "adj_ptr": _TL[adt], "S_ptr": "*fp32", "AS_ptr": "*fp32",
-                    "part_ptr": "*fp32", "asym_ptr": "*i32" if skip else "*fp32",
-                    "N": "i32", "C": "i32", "n_blocks": "i32",
-                    "stride_ab": "i32",
-                    # A^T S swaps the strides: the row stride is then the unit one.
-                    "stride_ar": 1 if skip else "i32", "stride_ac": "i32" if skip else 1,
-                    "FWD_TERMS": terms, "CHECK_SYM": check, "SKIP_SYMMETRIC": skip,
-                    "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "C_PAD": c_pad,
-                    "DOT_PRECISION": prec,
+                    "adj_ptr": _TL[adt], "Sp_ptr": "*bf16", "work_ptr": "*fp32",
+                    **{k: "i32" for k in ("N", "W", "c_sq", "n_adj", "c_tr", "n_tr", "c_sts", "n_sts", "c_q",
+                                          "c_flag", "plane")},
+                    "rho": "fp32", "stride_ab": "i32", "stride_ar": "i32", "stride_ac": 1,
+                    "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_C": cfg.block_c, "C_PAD": c_pad,
+                    "PARTS": parts, "ADJ_PAD": 64, "TR_PAD": 4, "STS_PAD": 16,
                 }
                 label = (f"C_PAD={c_pad} BM={cfg.block_m} BK={cfg.block_k} w{cfg.num_warps} "
-                         f"s{cfg.num_stages} {prec} A={adt} {mode}")
-                out.append(Variant("adjacency_fwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
-    for prec in precs:
-        for cfg in adjacency_grad_configs(prec):
+                         f"s{cfg.num_stages} P{parts} A={adt}")
+                out.append(Variant("link_residual_kernel", label, args, cfg.num_warps, cfg.num_stages))
+                args = {
+                    "adj_ptr": _TL[adt], "S_ptr": "*fp32", "fin_ptr": "*fp64", "asym_ptr": "*i32", "D_ptr": "*fp32",
+                    "N": "i32", "stride_ab": "i32", "stride_ar": "i32", "stride_ac": 1,
+                    "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_C": cfg.block_c, "C_PAD": c_pad,
+                    "PARTS": parts,
+                }
+                out.append(Variant("link_residual_bwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
+    for cfg in adjacency_grad_configs():
+        for c_pad in (16, 128, 512) if full else (128,):
             for adt in ("fp32", "fp16", "bf16") if full else ("fp32",):
                 args = {
-                    "adj_ptr": _TL[adt], "SH_ptr": "*fp32", "S_ptr": "*fp32", "two_g_ptr": "*fp32",
-                    "dA_ptr": _TL[adt], "N": "i32", "C": "i32",
+                    "adj_ptr": _TL[adt], "W_ptr": "*fp32", "S_ptr": "*fp32", "mask_ptr": "*u8",
+                    "fin_ptr": "*fp64", "aux_ptr": "*fp64", "gq_ptr": "*fp64", "gent_ptr": "*fp64",
+                    "glink_ptr": "*fp32", "gentl_ptr": "*fp32", "dA_ptr": _TL[adt],
+                    "B": "i32", "N": "i32", "C": "i32",
+                    "sg_q": "i32", "sg_e": "i32", "sg_l": "i32", "sg_el": "i32",
                     "stride_ab": "i32", "stride_ar": "i32", "stride_ac": 1,
+                    "stride_wb": "i32", "stride_wn": "i32", "stride_wc": 1, "stride_mb": "i32",
                     "stride_db": "i32", "stride_dr": "i32", "stride_dc": 1,
-                    "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                    "DOT_PRECISION": prec,
+                    "HAS_MASK": True, "HAS_GQ": True, "HAS_GENT": True, "HAS_GLINK": True, "HAS_GENTL": True,
+                    "MODE": 2, "PER_GRAPH": False,
+                    "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "C_PAD": c_pad,
+                    "PARTS": 3,
                 }
-                label = (f"BM={cfg.block_m} BN={cfg.block_n} BK={cfg.block_k} w{cfg.num_warps} "
-                         f"s{cfg.num_stages} {prec} A={adt}")
+                label = (f"C_PAD={c_pad} BM={cfg.block_m} BN={cfg.block_n} BK={cfg.block_k} w{cfg.num_warps} "
+                         f"s{cfg.num_stages} A={adt}")
                 out.append(Variant("adjacency_bwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
     return out
 
@@ -191,12 +225,18 @@ def representative_variants() -> List[Variant]:
 
 
 def _kernel_fn(name: str):
-    from ..kernels import adjacency, assignment, gram
+    from ..kernels import adjacency, assignment, finish, gram
 
-    for mod in (assignment, gram, adjacency):
+    for mod in (assignment, gram, adjacency, finish):
         if hasattr(mod, name):
             return getattr(mod, name)
     raise KeyError(name)
+
+
+#: kernels whose products must run on tensor cores: a compile whose SASS has neither HGMMA
+#: (Hopper's warp-group products) nor HMMA (mma.sync) fell back to FMA and fails the check
+TENSOR_CORE_KERNELS = ("assignment_bwd_kernel", "gram_fwd_kernel", "adjacency_fwd_kernel",
+                       "link_residual_kernel", "link_residual_bwd_kernel", "adjacency_bwd_kernel")
 
 
 class Result(NamedTuple):
@@ -207,10 +247,17 @@ class Result(NamedTuple):
     spill_bytes: Optional[int]
     shared: Optional[int]
     error: Optional[str]
+    hgmma: Optional[int] = None  # HGMMA instructions in the SASS (sm_90 warp-group products)
+    hmma: Optional[int] = None  # HMMA instructions (mma.sync)
+
+    @property
+    def fma_fallback(self) -> bool:
+        return (self.kernel in TENSOR_CORE_KERNELS and self.error is None
+                and not (self.hgmma or 0) and not (self.hmma or 0))
 
     @property
     def ok(self) -> bool:
-        return (self.error is None and self.spill_bytes == 0
+        return (self.error is None and self.spill_bytes == 0 and not self.fma_fallback
                 and self.shared is not None and self.shared <= SMEM_LIMIT[self.target])
 
 
@@ -219,24 +266,30 @@ _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _ptxas_usage(ptx: str, arch: int):
-    """(registers, spill bytes) of the one kernel in ``ptx``, from ``ptxas -v``."""
+    """(registers, spill bytes, HGMMA count, HMMA count) of the one kernel in ``ptx``, from
+    ``ptxas -v`` and the SASS of its object (``cuobjdump --dump-sass``, both from Triton's
+    package)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    ptxas = get_ptxas(arch).path
+    cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
+        obj = os.path.join(tmp, "k.o")
         with open(src, "w") as f:
             f.write(ptx)
-        proc = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")],
-            capture_output=True, text=True, check=True,
-        )
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", src, "-o", obj],
+                              capture_output=True, text=True, check=True)
+        sass = subprocess.run([cuobjdump, "--dump-sass", obj], capture_output=True, text=True,
+                              check=True).stdout
     log = proc.stderr + proc.stdout
     regs = _PTXAS_RE.search(log)
     spill = _SPILL_RE.search(log)
     if regs is None or spill is None:
         raise RuntimeError(f"could not read ptxas -v output:\n{log}")
-    return int(regs.group(1)), int(spill.group(1)) + int(spill.group(2))
+    return (int(regs.group(1)), int(spill.group(1)) + int(spill.group(2)),
+            len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass)))
 
 
 def compile_variant(v: Variant, arch: int) -> Result:
@@ -251,7 +304,7 @@ def compile_variant(v: Variant, arch: int) -> Result:
         signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(fn.arg_names):
             val = v.args[name]
-            if isinstance(val, str) and (val.startswith("*") or val in ("i32", "i64")):
+            if isinstance(val, str) and (val.startswith("*") or val in ("i32", "i64", "fp32")):
                 signature[name] = val
                 # torch allocations are 16-byte aligned; triton's launcher specialises on it
                 if val.startswith("*") or (v.aligned and name.startswith("stride")):
@@ -263,8 +316,8 @@ def compile_variant(v: Variant, arch: int) -> Result:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": v.num_warps, "num_stages": v.num_stages,
                                            "maxnreg": register_cap(v.num_warps)})
-        regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
-        return Result(v.kernel, v.label, arch, regs, spills, int(compiled.metadata.shared), None)
+        regs, spills, hgmma, hmma = _ptxas_usage(compiled.asm["ptx"], arch)
+        return Result(v.kernel, v.label, arch, regs, spills, int(compiled.metadata.shared), None, hgmma, hmma)
     except Exception as err:  # every failure is a row of the table, not a crash
         msg = str(err).strip().splitlines()
         return Result(v.kernel, v.label, arch, None, None, None,
@@ -306,16 +359,20 @@ def run_check(variants: List[Variant], targets=TARGETS, jobs: int = 1, progress:
 
 
 def format_table(results: List[Result]) -> str:
-    head = f"{'kernel':<22} {'configuration':<52} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>8} {'limit B':>8}  status"
+    head = (f"{'kernel':<22} {'configuration':<60} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>8} "
+            f"{'limit B':>8} {'HGMMA':>6} {'HMMA':>6}  status")
     lines = [head, "-" * len(head)]
     for r in results:
         status = "ok" if r.ok else ("ERROR " + r.error if r.error else
-                                    "SPILL" if r.spill_bytes else "SMEM>LIMIT")
+                                    "SPILL" if r.spill_bytes else
+                                    "FMA FALLBACK" if r.fma_fallback else "SMEM>LIMIT")
+
+        def cell(v):
+            return "-" if v is None else v
+
         lines.append(
-            f"{r.kernel:<22} {r.label:<52} {r.target:>3} "
-            f"{'-' if r.registers is None else r.registers:>5} "
-            f"{'-' if r.spill_bytes is None else r.spill_bytes:>8} "
-            f"{'-' if r.shared is None else r.shared:>8} {SMEM_LIMIT[r.target]:>8}  {status}"
+            f"{r.kernel:<22} {r.label:<60} {r.target:>3} {cell(r.registers):>5} {cell(r.spill_bytes):>8} "
+            f"{cell(r.shared):>8} {SMEM_LIMIT[r.target]:>8} {cell(r.hgmma):>6} {cell(r.hmma):>6}  {status}"
         )
     return "\n".join(lines)
 
