@@ -163,12 +163,18 @@ def test_deterministic_mode_is_for_cuda_and_restored():
         assert not torch.are_deterministic_algorithms_enabled()  # CPU kernels are deterministic already
     with deterministic(torch.device("cuda"), False):
         assert not torch.are_deterministic_algorithms_enabled()
+    import os
+
+    import torch.utils.deterministic as td
+
+    fill = td.fill_uninitialized_memory
     with deterministic(torch.device("cuda"), True):  # only flags: nothing here touches a GPU
         assert torch.are_deterministic_algorithms_enabled()
-        import os
-
-        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    assert not torch.are_deterministic_algorithms_enabled()
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") and td.fill_uninitialized_memory is False
+    assert not torch.are_deterministic_algorithms_enabled() and td.fill_uninitialized_memory == fill
+    with deterministic(torch.device("cuda"), True, fill_uninitialized=True):
+        assert td.fill_uninitialized_memory is True
+    assert td.fill_uninitialized_memory == fill
 
 
 @pytest.mark.parametrize("level0", ["dense", "sparse"])

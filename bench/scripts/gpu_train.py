@@ -8,7 +8,7 @@ Every part runs in its own process under its own time limit, and all of them wit
 seconds (default 110): a part that fails or runs out of time is written to ``status.csv`` the
 moment it ends, with its last lines of output, and the next part runs. Parts and outputs:
 
-1. ``env``: device, versions, threads -> ``env.json``.
+1. ``env.json``: device, versions, threads (written by the driver).
 2. ``model``: one training step (forward, backward, clip 2.0 where ours, Adam) at batch 64 of
    generated graphs with 64..128 and 256..512 nodes (``diffpool_fast.profiling.model_step``'s
    graphs, padded to the largest), for PyG's example network (``pyg``: DenseSAGEConv, batch norm,
@@ -21,9 +21,11 @@ moment it ends, with its last lines of output, and the next part runs. Parts and
      cannot be captured the row says why and what it measured is the plain step on padded
      batches with static cluster widths);
    - ``ours-det-off``: ``ours`` without deterministic algorithms (the mode's cost, dense level 0);
+     ``ours-det-fill``: with them and torch's NaN fill of every ``torch.empty`` (off in ``train``);
    - ``ours-modules``: ``ours`` with the GNN layer modules instead of the fused SAGE blocks;
-   - ``ours-torch`` / ``ours-triton``: ``ours`` with that coarsening backend;
-   - ``ours-bn``: batch norm and fixed clusters (the class's defaults: the issue's first table);
+   - ``ours-torch`` / ``ours-triton``: ``ours`` with that coarsening backend (not by default);
+   - ``ours-bn``: batch norm and fixed clusters (the class's defaults: the issue's first table; not
+     by default);
    - ``ours-sparse`` / ``ours-sparse-det-off``: level 0 on edge lists (``--level0 sparse``), with
      and without deterministic algorithms (the mode's cost where its sums are).
 
@@ -34,11 +36,12 @@ moment it ends, with its last lines of output, and the next part runs. Parts and
    ``model_profile.md``, and ``host_syncs.txt``: every host sync one ``ours`` step makes, with
    the line that makes it (``torch.cuda.set_sync_debug_mode``), what stands between the step and
    a CUDA graph.
-3. ``train-ours``, ``train-ours-graphs``: ``diffpool-fast train --dataset PROTEINS --max-nodes
-   150 --batch-size 20 --folds 1 --epochs E`` on the GPU (the second with ``--cuda-graphs on``),
-   and ``train-pyg``: PyG's example pipeline on the same graphs (TUDataset with ``ToDense(150)``,
-   ``DenseDataLoader`` batch 20, ``PyGDiffPoolNet``, Adam 1e-3, NLL), the same number of training
-   graphs per epoch. graphs/s = training graphs per epoch / the epoch's training seconds, the
+3. ``train-ours``: ``diffpool-fast train --dataset PROTEINS --max-nodes 150 --batch-size 20
+   --folds 1 --epochs E`` on the GPU; ``train-pyg``: PyG's example pipeline on the same graphs
+   (TUDataset with ``ToDense(150)``, ``DenseDataLoader`` batch 20, ``PyGDiffPoolNet``, Adam 1e-3,
+   NLL), the same number of training graphs per epoch; ``train-ours-graphs``: ``train-ours`` with
+   ``--cuda-graphs on``, skipped when the ``model`` part found that the step cannot be captured
+   (it would time the plain step again). graphs/s = training graphs per epoch / the epoch's training seconds, the
    median over epochs after the first (compiles and warm-up) -> ``train_proteins.csv``.
 
 ``gpu_train.md`` sums it all up. Nothing is downloaded: TU data come from ``--data-root``.
@@ -60,8 +63,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
-VARIANTS = ("pyg", "ours", "ours-graphs", "ours-det-off", "ours-modules", "ours-torch", "ours-triton", "ours-bn",
-            "ours-sparse", "ours-sparse-det-off")
+#: the default variants (``--variants`` also takes ours-torch, ours-triton, ours-bn, ours-det-fill)
+VARIANTS = ("pyg", "ours", "ours-graphs", "ours-det-off", "ours-modules", "ours-sparse", "ours-sparse-det-off")
 MODEL_COLUMNS = ["variant", "graphs", "min_nodes", "max_nodes", "features", "hidden", "status", "reason",
                  "step_ms", "step_ms_min", "step_ms_max", "rounds", "steps_per_round", "graphs_per_s", "x_pyg",
                  "backend", "level0", "deterministic", "cuda_graphs", "fused", "norm", "clusters_per_graph",
@@ -104,6 +107,7 @@ def _versions(torch) -> dict:
 # --------------------------------------------------------------------------- part: env
 
 def part_env(args) -> None:
+    """env.json (in the driver: its CUDA start-up costs once)."""
     import torch
 
     info = {"device": args.device, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -196,6 +200,8 @@ def _host_syncs(variant, device) -> list:
 
     import torch
 
+    from diffpool_fast.train.steps import SYNC_WARNING
+
     _sync(device)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -206,7 +212,7 @@ def _host_syncs(variant, device) -> list:
             torch.cuda.set_sync_debug_mode("default")
     _sync(device)
     return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in seen
-            if "synchroniz" in str(w.message)]
+            if SYNC_WARNING in str(w.message)]
 
 
 def part_model(args) -> None:
@@ -227,12 +233,14 @@ def part_model(args) -> None:
         for name in names:
             row = {"variant": name, "graphs": ms.graphs, "min_nodes": lo, "max_nodes": hi, "features": ms.features,
                    "hidden": ms.hidden, "status": "ok", "reason": "", "device": dev_name,
-                   "deterministic": "off" if name.endswith("det-off") else "on", "command": " ".join(sys.argv),
+                   "deterministic": "off" if name.endswith("det-off") else ("on+fill" if name == "ours-det-fill"
+                                                                           else "on"),
+                   "command": " ".join(sys.argv),
                    **{k: vers[k] for k in ("torch", "triton", "torch_geometric")}}
             res[name] = row
             rows.append(row)
             try:
-                with deterministic(torch.device(device), row["deterministic"] == "on"):
+                with deterministic(torch.device(device), row["deterministic"] != "off", "fill" in row["deterministic"]):
                     v = _Variant(name, ms, device, args.seed)
                     row.update(v.info)
                     for _ in range(args.warmup):
@@ -257,7 +265,8 @@ def part_model(args) -> None:
                 if res[name]["status"] != "ok":
                     continue
                 try:
-                    with deterministic(torch.device(device), res[name]["deterministic"] == "on"):
+                    with deterministic(torch.device(device), res[name]["deterministic"] != "off",
+                                       "fill" in res[name]["deterministic"]):
                         _sync(device)
                         t0 = time.perf_counter()
                         for _ in range(args.steps):
@@ -385,7 +394,7 @@ def part_train_pyg(args) -> None:
 
 # --------------------------------------------------------------------------- driver
 
-PARTS = {"env": 30, "model": 70, "train-ours": 35, "train-ours-graphs": 35, "train-pyg": 30}
+PARTS = {"model": 60, "train-ours": 40, "train-pyg": 30, "train-ours-graphs": 30}
 
 
 def _run_part(part, args, limit, status_rows, out) -> str:
@@ -437,6 +446,20 @@ def _summary(out: Path) -> None:
     print("\n".join(lines))
 
 
+def _capture_off(out: Path):
+    """Why the model part's ``ours-graphs`` captured nothing, or None (it did, or did not run)."""
+    try:
+        with open(out / "model_profile.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r["variant"] == "ours-graphs" and r["graph_steps"]]
+    except OSError:
+        return None
+    for r in rows:
+        info = json.loads(r["graph_steps"])
+        if info["steps"]["captured"]:
+            return None
+    return (json.loads(rows[-1]["graph_steps"])["plain_because"] or ["no graph"])[0][:300] if rows else None
+
+
 def _sizes(text):
     out = []
     for part in text.split(","):
@@ -459,12 +482,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.sizes = _sizes("8..16,16..32" if args.tiny else "64..128,256..512")
     args.batch, args.hidden, args.features, args.density = (4, 8, 8, 0.2) if args.tiny else (64, 64, 32, 0.05)
-    args.warmup, args.rounds, args.steps = (1, 2, 2) if args.tiny else (3, 5, 10)
-    args.epochs, args.max_nodes, args.seed = (2, 30, 0) if args.tiny else (4, 150, 0)
+    args.warmup, args.rounds, args.steps = (1, 2, 2) if args.tiny else (3, 5, 8)
+    args.epochs, args.max_nodes, args.seed = (2, 30, 0) if args.tiny else (3, 150, 0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.part:
-        {"env": part_env, "model": part_model, "train-ours": lambda a: part_train_ours(a, False),
+        {"model": part_model, "train-ours": lambda a: part_train_ours(a, False),
          "train-ours-graphs": lambda a: part_train_ours(a, True), "train-pyg": part_train_pyg}[args.part](args)
         return 0
 
@@ -485,13 +508,21 @@ def main(argv=None) -> int:
                         "--variants", args.variants] + (["--tiny"] if args.tiny else [])
     if args.device == "cuda":
         os.environ.pop("TRITON_INTERPRET", None)  # the compiled kernels, not the interpreter
-    status_rows, t_end = [], time.perf_counter() + args.budget
+    t_end = time.perf_counter() + args.budget
+    part_env(args)
+    status_rows = []
     for part in [p for p in args.parts.split(",") if p]:
         if part not in PARTS:
             print(f"gpu_train.py: unknown part {part!r}; choose from {', '.join(PARTS)}", file=sys.stderr)
             return 2
         if part in ("train-ours", "train-ours-graphs", "train-pyg") and not (Path(args.data_root) / "PROTEINS").is_dir():
             status_rows.append({"part": part, "status": f"skipped: no PROTEINS/ in {args.data_root}", "seconds": "0"})
+            _write_csv(out / "status.csv", ["part", "status", "seconds", "limit_s", "detail"], status_rows)
+            continue
+        off = _capture_off(out) if part == "train-ours-graphs" else None
+        if off:
+            status_rows.append({"part": part, "status": f"skipped: the model part could not capture the step ({off})",
+                                "seconds": "0"})
             _write_csv(out / "status.csv", ["part", "status", "seconds", "limit_s", "detail"], status_rows)
             continue
         left = t_end - time.perf_counter()

@@ -97,26 +97,38 @@ def train_step(model, opt, b, clip):
 CUBLAS_ENV = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_DETERMINISTIC = ":4096:8"
 
+#: what ``torch.cuda.set_sync_debug_mode("warn")`` says at a host sync (it also warns once that
+#: the mode is a prototype: not a sync)
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
 #: ``--deterministic`` and ``--cuda-graphs`` choices
 MODES = ("on", "off")
 
 
 @contextlib.contextmanager
-def deterministic(device, on: bool):
+def deterministic(device, on: bool, fill_uninitialized: bool = False):
     """Deterministic algorithms for the run on a CUDA ``device`` when ``on`` (module docstring);
-    the previous setting is restored on exit. On the CPU, or when off, nothing changes."""
+    the previous settings are restored on exit. On the CPU, or when off, nothing changes.
+
+    ``fill_uninitialized``: torch's mode also fills every ``torch.empty`` with NaN (one more
+    kernel per allocation), for code that reads memory it never wrote; this code does not (the
+    tests poison fresh allocations to check), so the fill is off unless asked for."""
     import torch
+    import torch.utils.deterministic as td
 
     if not on or getattr(device, "type", str(device)) != "cuda":
         yield
         return
     os.environ.setdefault(CUBLAS_ENV, CUBLAS_DETERMINISTIC)
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              td.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True)
+    td.fill_uninitialized_memory = bool(fill_uninitialized)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        td.fill_uninitialized_memory = before[2]
 
 
 class CudaCapture:
@@ -149,7 +161,7 @@ class CudaCapture:
             finally:
                 cuda.set_sync_debug_mode("default")
         return out, [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in seen
-                     if "synchroniz" in str(w.message)]
+                     if SYNC_WARNING in str(w.message)]
 
     def capture(self, fn: Callable):
         """``(graph, fn's output)``: ``fn`` recorded as one CUDA graph (not run: ``graph.replay()`` runs it)."""
