@@ -15,6 +15,8 @@ Environment variables (also listed in README.md):
   ``~/.cache/diffpool_fast``).
 - ``DIFFPOOL_FAST_DIST_TIMEOUT``: seconds a data-parallel collective waits before a lost rank
   stops the run (default 300).
+- ``DIFFPOOL_FAST_KERNEL_CONFIGS``: a JSON file of Triton kernel configurations that replace
+  the committed tables (``kernels/tuning.py``; what a GPU tuning run tries).
 - ``TRITON_INTERPRET``: Triton's own switch; ``1`` runs the kernels on CPU tensors with NumPy.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ DATA_ROOT_ENV = "DIFFPOOL_FAST_DATA"
 CACHE_ENV = "DIFFPOOL_FAST_CACHE"
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
 DIST_TIMEOUT_ENV = "DIFFPOOL_FAST_DIST_TIMEOUT"
+KERNEL_CONFIGS_ENV = "DIFFPOOL_FAST_KERNEL_CONFIGS"
 
 #: (variable, meaning) for every variable above, for documentation and ``--help`` texts.
 ENVIRONMENT = (
@@ -41,6 +44,7 @@ ENVIRONMENT = (
     (CACHE_ENV, "cache folder of processed datasets (else ~/.cache/diffpool_fast)"),
     (TRITON_INTERPRET_ENV, "1: Triton's interpreter runs the kernels on CPU tensors"),
     (DIST_TIMEOUT_ENV, "seconds a data-parallel collective waits for a lost rank (default 300)"),
+    (KERNEL_CONFIGS_ENV, "a JSON file of Triton kernel configurations replacing the committed ones (GPU tuning)"),
 )
 
 #: the pooling backends a caller may ask for

@@ -73,10 +73,23 @@ _ADJ_TABLE = {
 }
 
 
+# The residual passes (flagged graphs only) hold S_i's parts, the residual tile and (backward) a
+# [BLOCK_M, BLOCK_C] accumulator: 64-row blocks keep them clear of spills.
+_RESIDUAL_TABLE = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (64, 32, 4, 2),
+    128: (64, 32, 4, 2),
+    256: (64, 32, 8, 2),
+    512: (64, 32, 8, 2),
+}
+
+
 def adjacency_config(N: int, c_pad: int, block_m: Optional[int] = None,
-                     block_k: Optional[int] = None) -> AdjConfig:
-    """Block sizes keyed on C_PAD and bucketed N (row blocks no taller than N's bucket)."""
-    bm, bk, num_warps, num_stages = _ADJ_TABLE[c_pad]
+                     block_k: Optional[int] = None, table: Optional[dict] = None) -> AdjConfig:
+    """Block sizes keyed on C_PAD and bucketed N (row blocks no taller than N's bucket), from
+    ``_ADJ_TABLE`` (or ``table``)."""
+    bm, bk, num_warps, num_stages = (table or _ADJ_TABLE)[c_pad]
     if block_m is None:
         block_m = min(bm, max(16, triton.next_power_of_2(N)))
     if block_k is None:
@@ -84,12 +97,13 @@ def adjacency_config(N: int, c_pad: int, block_m: Optional[int] = None,
     return AdjConfig(block_m, block_k, num_warps, num_stages, min(c_pad, 128))
 
 
-def adjacency_configs():
-    """Every (C_PAD, AdjConfig) ``adjacency_config`` can return (for the compile check)."""
+def adjacency_configs(residual: bool = False):
+    """Every (C_PAD, AdjConfig) ``adjacency_config`` can return (for the compile check), of the
+    adjacency passes or (``residual``) of the residual passes."""
     out = []
     for c_pad in (16, 32, 64, 128, 256, 512):
         for N in (16, 32, 4096):
-            cfg = adjacency_config(N, c_pad)
+            cfg = adjacency_config(N, c_pad, table=_RESIDUAL_TABLE if residual else None)
             if (c_pad, cfg) not in out:
                 out.append((c_pad, cfg))
     return out
@@ -318,7 +332,7 @@ def link_residual_kernel(
             a = tl.load(a_base + rows64[:, None] * stride_ar + ks64[None, :] * stride_ac,
                         mask=row_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
             p = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for c0 in tl.static_range(0, C_PAD, BLOCK_C):
+            for c0 in range(0, C_PAD, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 si = s_base + rows64[:, None] * C_PAD + cols[None, :]
                 si0 = tl.load(si, mask=row_ok[:, None], other=0.0)
@@ -346,7 +360,7 @@ def link_residual(adj: torch.Tensor, Sp: torch.Tensor, work: torch.Tensor, ws, r
                   block_m: Optional[int] = None, block_k: Optional[int] = None) -> None:
     """Launch ``link_residual_kernel`` over every graph (unflagged ones exit at once)."""
     parts, B, N, c_pad = Sp.shape
-    cfg = adjacency_config(N, c_pad, block_m, block_k)
+    cfg = adjacency_config(N, c_pad, block_m, block_k, _RESIDUAL_TABLE)
     a = _adj_arg(adj)
     link_residual_kernel[(B, triton.cdiv(N, cfg.block_m))](
         a, Sp, work,
@@ -401,7 +415,7 @@ def link_residual_bwd_kernel(
                       mask=tile_ok & (asym != 0), other=0).to(tl.float32)
         a_t = tl.where(asym != 0, a_t, a)
         p = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for c0 in tl.static_range(0, C_PAD, BLOCK_C):
+        for c0 in range(0, C_PAD, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             si = tl.load(s_base + rows64[:, None] * C_PAD + cols[None, :], mask=row_ok[:, None], other=0.0)
             st = tl.load(s_base + ks64[None, :] * C_PAD + cols[:, None], mask=k_ok[None, :], other=0.0)
@@ -419,7 +433,7 @@ def link_residual_bwd(adj: torch.Tensor, S: torch.Tensor, fin: torch.Tensor, asy
     """Launch ``link_residual_bwd_kernel`` over every graph: D [B, N, C_PAD] fp32, written for the
     flagged graphs only (the backward row pass reads no other row of it)."""
     B, N, c_pad = S.shape
-    cfg = adjacency_config(N, c_pad, block_m, block_k)
+    cfg = adjacency_config(N, c_pad, block_m, block_k, _RESIDUAL_TABLE)
     a = _adj_arg(adj)
     D = torch.empty((B, N, c_pad), device=S.device, dtype=torch.float32)
     link_residual_bwd_kernel[(B, triton.cdiv(N, cfg.block_m), c_pad // cfg.block_c)](

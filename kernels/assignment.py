@@ -77,9 +77,9 @@ _ROW_BWD_TABLE = {
     16: (64, 16, 4, 2),
     32: (64, 32, 4, 2),
     64: (64, 32, 4, 2),
-    128: (64, 32, 8, 2),
-    256: (64, 32, 8, 1),
-    512: (64, 16, 16, 1),
+    128: (64, 16, 8, 2),
+    256: (64, 16, 8, 2),
+    512: (64, 16, 8, 2),
 }
 
 
@@ -195,11 +195,76 @@ def row_blocks(N: int, C: int, block_n: Optional[int] = None) -> int:
     return triton.cdiv(N, row_fwd_config(N, cluster_pad(C), block_n).block_n)
 
 
+@triton.jit
+def _dp_chunk(cols, b, rows64, row_ok, nc_base, x_ptr, S_ptr, AS_ptr, AtS_ptr, D_ptr, StS_ptr, g_out_ptr, G_ptr,
+              C, F, asym, g_q, g_d, g_e, keep_f, flagged,
+              stride_xb, stride_xn, stride_xf, stride_gob, stride_goc, stride_gof, stride_Gb, stride_Gr, stride_Gc,
+              HAS_D: tl.constexpr, HAS_GOUT: tl.constexpr, HAS_G: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, C_PAD: tl.constexpr,
+              PARTS: tl.constexpr):
+    """(dP, S) of BLOCK_N rows at the output clusters ``cols`` (module docstring: dS, then
+    dP = m * dS)."""
+    col_ok = cols < C
+    dS = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    if HAS_GOUT:
+        # X g_out^T, chunked over F
+        for f0 in range(0, F, BLOCK_K):
+            fs = f0 + tl.arange(0, BLOCK_K)
+            f_ok = fs < F
+            xt = tl.load(x_ptr + b * stride_xb + rows64[:, None] * stride_xn + fs[None, :] * stride_xf,
+                         mask=row_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
+            got = tl.load(g_out_ptr + b * stride_gob + cols[None, :] * stride_goc + fs[:, None] * stride_gof,
+                          mask=f_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            dS = dot_f32(xt, got, dS, PARTS)
+    # (A S) H1 + S H3 (+ (A^T S) H2), chunked over the reduced cluster index k:
+    # H1 = G^T - 2 g_Q I (+ H2 when A_b is symmetric), H2 = G - 2 g_Q I, H3 = 4 g_Q S^T S
+    sym_f = (asym == 0).to(tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < C
+        nk = nc_base + rows64[:, None] * C_PAD + ks[None, :]
+        h1 = -2.0 * g_q * (1.0 + sym_f) * tl.where(ks[:, None] == cols[None, :], 1.0, 0.0)
+        if HAS_G:
+            kc_ok = k_ok[:, None] & col_ok[None, :]
+            Gt = tl.load(G_ptr + b * stride_Gb + cols[None, :] * stride_Gr + ks[:, None] * stride_Gc,
+                         mask=kc_ok, other=0.0).to(tl.float32)
+            Gk = tl.load(G_ptr + b * stride_Gb + ks[:, None] * stride_Gr + cols[None, :] * stride_Gc,
+                         mask=kc_ok & (asym == 0), other=0.0).to(tl.float32)
+            h1 += Gt + Gk
+        nk_ok = row_ok[:, None] & k_ok[None, :]
+        ast = tl.load(AS_ptr + nk, mask=nk_ok, other=0.0)
+        dS = dot_f32(ast, h1, dS, PARTS)
+        h3 = 4.0 * g_q * tl.load(StS_ptr + b * C_PAD * C_PAD + ks[:, None] * C_PAD + cols[None, :],
+                                 mask=k_ok[:, None], other=0.0)
+        st = tl.load(S_ptr + nk, mask=nk_ok, other=0.0)
+        dS = dot_f32(st, h3, dS, PARTS)
+    # A^T S exists only for graphs flagged non-symmetric: the loop is empty otherwise.
+    for k0 in range(0, C * asym, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < C
+        h2 = -2.0 * g_q * tl.where(ks[:, None] == cols[None, :], 1.0, 0.0)
+        if HAS_G:
+            h2 += tl.load(G_ptr + b * stride_Gb + ks[:, None] * stride_Gr + cols[None, :] * stride_Gc,
+                          mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        atst = tl.load(AtS_ptr + nc_base + rows64[:, None] * C_PAD + ks[None, :],
+                       mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        dS = dot_f32(atst, h2, dS, PARTS)
+    if HAS_D:
+        d = tl.load(D_ptr + nc_base + rows64[:, None] * C_PAD + cols[None, :],
+                    mask=row_ok[:, None] & flagged, other=0.0)
+        dS += -2.0 * g_d * d
+    # S is loaded only now: keeping it live through the loops costs registers.
+    S = tl.load(S_ptr + nc_base + rows64[:, None] * C_PAD + cols[None, :], mask=row_ok[:, None], other=0.0)
+    dS -= g_e * (precise_log(S + 1e-15) + S / (S + 1e-15))
+    # On real rows P == S; on padded rows dP == 0 (NaN * 0 stays NaN, as in PyG), so S for P is exact.
+    return dS * keep_f[:, None], S
+
+
 @triton.jit(do_not_specialize=["B", "N", "C", "F", "sg_q", "sg_e", "sg_l", "sg_el"])
 def assignment_bwd_kernel(
     x_ptr, S_ptr, AS_ptr, AtS_ptr, D_ptr, asym_ptr, mask_ptr, StS_ptr,
     g_out_ptr, G_ptr, fin_ptr, aux_ptr, gq_ptr, gent_ptr, glink_ptr, gentl_ptr,
-    dL_ptr, dX_ptr,
+    dL_ptr, dX_ptr, dP_ptr,
     B, N, C, F, sg_q, sg_e, sg_l, sg_el,
     stride_xb, stride_xn, stride_xf,
     stride_mb,
@@ -211,7 +276,8 @@ def assignment_bwd_kernel(
     HAS_GOUT: tl.constexpr, HAS_G: tl.constexpr,
     HAS_GQ: tl.constexpr, HAS_GENT: tl.constexpr, HAS_GLINK: tl.constexpr, HAS_GENTL: tl.constexpr,
     MODE: tl.constexpr, PER_GRAPH: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, C_PAD: tl.constexpr, PARTS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, C_PAD: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
     """dL (logit gradient) and dX for BLOCK_N rows of graph b, one pass (module docstring).
 
@@ -222,105 +288,79 @@ def assignment_bwd_kernel(
     read); mask_ptr: m [B, N] uint8; StS_ptr: [B, C_PAD, C_PAD] fp32; g_out_ptr: [B, C, F]
     (HAS_GOUT), G_ptr: [B, C, C] (HAS_G), any float dtype and strides; fin_ptr, aux_ptr and the
     four upstream loss gradients: ``finish.grad_scales``. dL_ptr: [B, N, C] in s's dtype; dX_ptr:
-    [B, N, F] in x's dtype. BLOCK_K: chunk of F and of C in the products.
+    [B, N, F] in x's dtype. BLOCK_K: chunk of F and of C in the products. Above BLOCK_C clusters
+    the output columns are taken BLOCK_C at a time and dP waits in dP_ptr [B, N, C_PAD] fp32
+    until the row sums of S dP are complete.
     """
     b = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, C_PAD)
     row_ok = rows < N
-    col_ok = cols < C
     rows64 = rows.to(tl.int64)
     nc_base = b * N * C_PAD
-    S_rows = S_ptr + nc_base + rows64[:, None] * C_PAD + cols[None, :]
 
     if NEED_DL:
         g_all, g_real, g_e = grad_scales(b, B, N, fin_ptr, aux_ptr, gq_ptr, gent_ptr, glink_ptr, gentl_ptr,
-                                         (sg_q, sg_e, sg_l, sg_el), HAS_GQ, HAS_GENT, HAS_GLINK, HAS_GENTL, MODE, PER_GRAPH)
+                                         (sg_q, sg_e, sg_l, sg_el), HAS_GQ, HAS_GENT, HAS_GLINK, HAS_GENTL,
+                                         MODE, PER_GRAPH)
         g_q = g_all + g_real
         g_d = 0.0
+        flagged = g_q != g_q  # False (a tensor, for the masks below)
         if HAS_D:
             # flagged graph: its link term comes from D, not from the identity's products
             flagged = tl.load(fin_ptr + b * 4 + 3).to(tl.int32) != 0
             g_d = tl.where(flagged, g_q, 0.0)
             g_q = tl.where(flagged, 0.0, g_q)
         asym = tl.load(asym_ptr + b)
-        dS = tl.zeros((BLOCK_N, C_PAD), dtype=tl.float32)
-        if HAS_GOUT:
-            # X g_out^T, chunked over F
-            for f0 in range(0, F, BLOCK_K):
-                fs = f0 + tl.arange(0, BLOCK_K)
-                f_ok = fs < F
-                xt = tl.load(x_ptr + b * stride_xb + rows64[:, None] * stride_xn + fs[None, :] * stride_xf,
-                             mask=row_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
-                got = tl.load(g_out_ptr + b * stride_gob + cols[None, :] * stride_goc + fs[:, None] * stride_gof,
-                              mask=f_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-                dS = dot_f32(xt, got, dS, PARTS)
-        # (A S) H1 + S H3 (+ (A^T S) H2), chunked over the reduced cluster index k:
-        # H1 = G^T - 2 g_Q I (+ H2 when A_b is symmetric), H2 = G - 2 g_Q I, H3 = 4 g_Q S^T S
-        sym_f = (asym == 0).to(tl.float32)
-        for k0 in range(0, C, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < C
-            nk = nc_base + rows64[:, None] * C_PAD + ks[None, :]
-            eye = tl.where(ks[:, None] == cols[None, :], 1.0, 0.0)
-            h1 = -2.0 * g_q * (1.0 + sym_f) * eye
-            if HAS_G:
-                kc_ok = k_ok[:, None] & col_ok[None, :]
-                Gt = tl.load(G_ptr + b * stride_Gb + cols[None, :] * stride_Gr + ks[:, None] * stride_Gc,
-                             mask=kc_ok, other=0.0).to(tl.float32)
-                Gk = tl.load(G_ptr + b * stride_Gb + ks[:, None] * stride_Gr + cols[None, :] * stride_Gc,
-                             mask=kc_ok & (asym == 0), other=0.0).to(tl.float32)
-                h1 += Gt + Gk
-            nk_ok = row_ok[:, None] & k_ok[None, :]
-            ast = tl.load(AS_ptr + nk, mask=nk_ok, other=0.0)
-            dS = dot_f32(ast, h1, dS, PARTS)
-            h3 = 4.0 * g_q * tl.load(StS_ptr + b * C_PAD * C_PAD + ks[:, None] * C_PAD + cols[None, :],
-                                     mask=k_ok[:, None], other=0.0)
-            st = tl.load(S_ptr + nk, mask=nk_ok, other=0.0)
-            dS = dot_f32(st, h3, dS, PARTS)
-        # A^T S exists only for graphs flagged non-symmetric: the loop is empty otherwise.
-        for k0 in range(0, C * asym, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < C
-            h2 = -2.0 * g_q * tl.where(ks[:, None] == cols[None, :], 1.0, 0.0)
-            if HAS_G:
-                h2 += tl.load(G_ptr + b * stride_Gb + ks[:, None] * stride_Gr + cols[None, :] * stride_Gc,
-                              mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            atst = tl.load(AtS_ptr + nc_base + rows64[:, None] * C_PAD + ks[None, :],
-                           mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            dS = dot_f32(atst, h2, dS, PARTS)
-
-        if HAS_D:
-            d = tl.load(D_ptr + nc_base + rows64[:, None] * C_PAD + cols[None, :],
-                        mask=row_ok[:, None] & flagged, other=0.0)
-            dS += -2.0 * g_d * d
-        # S is loaded only now (and again for dX): keeping it live through the loops costs registers.
-        S = tl.load(S_rows, mask=row_ok[:, None], other=0.0)
-        dS -= g_e * (precise_log(S + 1e-15) + S / (S + 1e-15))
         keep = row_ok
         if HAS_MASK:
             m = tl.load(mask_ptr + b * stride_mb + rows64, mask=row_ok, other=0)
             keep = keep & (m != 0)
-        # On real rows P == S; on padded rows dP == 0 (NaN * 0 stays NaN, as in PyG), so S for P
-        # is exact.
-        dP = dS * keep.to(tl.float32)[:, None]
-        dL = S * (dP - tl.sum(S * dP, axis=1)[:, None])
-        tl.store(
-            dL_ptr + b * stride_dlb + rows64[:, None] * stride_dln + cols[None, :] * stride_dlc,
-            dL.to(dL_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :],
-        )
+        keep_f = keep.to(tl.float32)
+        if BLOCK_C == C_PAD:
+            cols = tl.arange(0, C_PAD)
+            dP, S = _dp_chunk(cols, b, rows64, row_ok, nc_base, x_ptr, S_ptr, AS_ptr, AtS_ptr, D_ptr, StS_ptr,
+                              g_out_ptr, G_ptr, C, F, asym, g_q, g_d, g_e, keep_f, flagged,
+                              stride_xb, stride_xn, stride_xf, stride_gob, stride_goc, stride_gof,
+                              stride_Gb, stride_Gr, stride_Gc, HAS_D, HAS_GOUT, HAS_G,
+                              BLOCK_N, BLOCK_K, BLOCK_C, C_PAD, PARTS)
+            dL = S * (dP - tl.sum(S * dP, axis=1)[:, None])
+            tl.store(dL_ptr + b * stride_dlb + rows64[:, None] * stride_dln + cols[None, :] * stride_dlc,
+                     dL.to(dL_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < C)[None, :])
+        else:
+            r = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for c0 in range(0, C_PAD, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                dP, S = _dp_chunk(cols, b, rows64, row_ok, nc_base, x_ptr, S_ptr, AS_ptr, AtS_ptr, D_ptr, StS_ptr,
+                                  g_out_ptr, G_ptr, C, F, asym, g_q, g_d, g_e, keep_f, flagged,
+                                  stride_xb, stride_xn, stride_xf, stride_gob, stride_goc, stride_gof,
+                                  stride_Gb, stride_Gr, stride_Gc, HAS_D, HAS_GOUT, HAS_G,
+                                  BLOCK_N, BLOCK_K, BLOCK_C, C_PAD, PARTS)
+                r += tl.sum(S * dP, axis=1)
+                tl.store(dP_ptr + nc_base + rows64[:, None] * C_PAD + cols[None, :], dP, mask=row_ok[:, None])
+            for c0 in range(0, C_PAD, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                off = nc_base + rows64[:, None] * C_PAD + cols[None, :]
+                dP = tl.load(dP_ptr + off, mask=row_ok[:, None], other=0.0)
+                S = tl.load(S_ptr + off, mask=row_ok[:, None], other=0.0)
+                dL = S * (dP - r[:, None])
+                tl.store(dL_ptr + b * stride_dlb + rows64[:, None] * stride_dln + cols[None, :] * stride_dlc,
+                         dL.to(dL_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < C)[None, :])
 
     if NEED_DX:
-        S = tl.load(S_rows, mask=row_ok[:, None], other=0.0)
+        # dX = S g_out, chunked over F (output) and over the clusters (reduced)
         for f0 in range(0, F, BLOCK_K):
             fs = f0 + tl.arange(0, BLOCK_K)
             f_ok = fs < F
             dx = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             if HAS_GOUT:
-                go = tl.load(g_out_ptr + b * stride_gob + cols[:, None] * stride_goc + fs[None, :] * stride_gof,
-                             mask=col_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
-                dx = dot_f32(S, go, dx, PARTS)
+                for c0 in range(0, C_PAD, BLOCK_C):
+                    cols = c0 + tl.arange(0, BLOCK_C)
+                    S = tl.load(S_ptr + nc_base + rows64[:, None] * C_PAD + cols[None, :],
+                                mask=row_ok[:, None], other=0.0)
+                    go = tl.load(g_out_ptr + b * stride_gob + cols[:, None] * stride_goc + fs[None, :] * stride_gof,
+                                 mask=(cols < C)[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
+                    dx = dot_f32(S, go, dx, PARTS)
             tl.store(
                 dX_ptr + b * stride_dxb + rows64[:, None] * stride_dxn + fs[None, :] * stride_dxf,
                 dx.to(dX_ptr.dtype.element_ty), mask=row_ok[:, None] & f_ok[None, :],
@@ -339,6 +379,9 @@ def assignment_bwd(x, S, AS, AtS, D, asym, mask, StS, g_out, G, fin, aux, gq, ge
     B, N, c_pad = S.shape
     F = x.shape[2]
     cfg = row_bwd_config(N, c_pad, block_n, block_k)
+    block_c = min(c_pad, 128)
+    # above 128 clusters dP waits here for its row sums (kernel docstring)
+    dP = torch.empty((B, N, c_pad), device=S.device, dtype=torch.float32) if need_dl and block_c < c_pad else S
     dL = torch.empty((B, N, C), device=S.device, dtype=s_dtype) if need_dl else None
     dX = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
     dl_arg = dL if need_dl else S
@@ -353,7 +396,7 @@ def assignment_bwd(x, S, AS, AtS, D, asym, mask, StS, g_out, G, fin, aux, gq, ge
     assignment_bwd_kernel[(B, triton.cdiv(N, cfg.block_n))](
         x, S, AS, AtS, D if D is not None else S, asym, mask_u8, StS,
         go, Gm, fin, aux, opt(gq), opt(gent), opt(glink), opt(gentl),
-        dl_arg, dx_arg,
+        dl_arg, dx_arg, dP,
         B, N, C, F, *grad_strides(gq, gent, glink, gentl),
         x.stride(0), x.stride(1), x.stride(2),
         mask_u8.stride(0) if mask is not None else 0,
@@ -365,7 +408,7 @@ def assignment_bwd(x, S, AS, AtS, D, asym, mask, StS, g_out, G, fin, aux, gq, ge
         HAS_GOUT=g_out is not None, HAS_G=G is not None,
         HAS_GQ=gq is not None, HAS_GENT=gent is not None, HAS_GLINK=glink is not None,
         HAS_GENTL=gentl is not None, MODE=mode, PER_GRAPH=per_graph,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, C_PAD=c_pad, PARTS=parts,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=block_c, C_PAD=c_pad, PARTS=parts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=register_cap(cfg.num_warps),
     )

@@ -210,6 +210,9 @@ def tune(log, deadline):
         chosen[kernel] = dict(best=best, was=base, results=[(r[1], r[2], r[3]) for r in results])
         log(f"tune {kernel}: best {best} (was {base})")
         log.put("tune", chosen)
+    # the winners, as kernels/tuning.py reads them (DIFFPOOL_FAST_KERNEL_CONFIGS) for later steps
+    with open(os.path.join(log.out, "kernel_configs.json"), "w") as f:
+        json.dump({k: {str(tables[k][1]): list(v["best"])} for k, v in chosen.items()}, f, indent=1)
     return chosen
 
 

@@ -47,8 +47,21 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..config import MAX_CLUSTERS, TRITON_ADJ_DTYPES, TRITON_FLOAT_DTYPES, triton_importable, triton_interpreting
+from ..config import (
+    KERNEL_CONFIGS_ENV,
+    MAX_CLUSTERS,
+    TRITON_ADJ_DTYPES,
+    TRITON_FLOAT_DTYPES,
+    env,
+    triton_importable,
+    triton_interpreting,
+)
 from .link_exact import RHO
+
+if env(KERNEL_CONFIGS_ENV) and triton_importable():  # a tuning run's configurations (kernels/tuning.py)
+    from ..kernels import tuning as _tuning
+
+    _tuning.load(env(KERNEL_CONFIGS_ENV))
 
 _BLOCK_KEYS = ("row_n", "row_k", "adj_m", "adj_k", "gram_c", "gram_f", "gram_n",
                "grad_m", "grad_n", "grad_k")

@@ -69,7 +69,7 @@ def _row_variants(full: bool) -> List[Variant]:
                         "asym_ptr": "*i32", "mask_ptr": "*u8", "StS_ptr": "*fp32",
                         "g_out_ptr": "*fp32", "G_ptr": "*fp32", "fin_ptr": "*fp64", "aux_ptr": "*fp64",
                         "gq_ptr": "*fp64", "gent_ptr": "*fp64", "glink_ptr": "*fp32", "gentl_ptr": "*fp32",
-                        "dL_ptr": _TL[dt] if need_dl else "*fp32", "dX_ptr": _TL[dt],
+                        "dL_ptr": _TL[dt] if need_dl else "*fp32", "dX_ptr": _TL[dt], "dP_ptr": "*fp32",
                         "B": "i32", "N": "i32", "C": "i32", "F": "i32",
                         "sg_q": "i32", "sg_e": "i32", "sg_l": "i32", "sg_el": "i32",
                         "stride_xb": "i32", "stride_xn": "i32", "stride_xf": 1, "stride_mb": "i32",
@@ -80,7 +80,8 @@ def _row_variants(full: bool) -> List[Variant]:
                         "HAS_MASK": True, "NEED_DL": need_dl, "NEED_DX": need_dx, "HAS_D": True,
                         "HAS_GOUT": True, "HAS_G": True, "HAS_GQ": True, "HAS_GENT": True,
                         "HAS_GLINK": True, "HAS_GENTL": True, "MODE": 0, "PER_GRAPH": False,
-                        "BLOCK_N": bcfg.block_n, "BLOCK_K": bcfg.block_k, "C_PAD": c_pad, "PARTS": parts,
+                        "BLOCK_N": bcfg.block_n, "BLOCK_K": bcfg.block_k, "BLOCK_C": min(c_pad, 128),
+                        "C_PAD": c_pad, "PARTS": parts,
                     }
                     label = (f"C_PAD={c_pad} BN={bcfg.block_n} BK={bcfg.block_k} w{bcfg.num_warps} "
                              f"s{bcfg.num_stages} P{parts} x,s={dt} dL={int(need_dl)} dX={int(need_dx)}")
@@ -146,6 +147,9 @@ def _adjacency_variants(full: bool) -> List[Variant]:
                     label = (f"C_PAD={c_pad} BM={cfg.block_m} BK={cfg.block_k} BC={cfg.block_c} w{cfg.num_warps} "
                              f"s{cfg.num_stages} P{parts} A={adt} {mode}")
                     out.append(Variant("adjacency_fwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
+    for c_pad, cfg in adjacency_configs(residual=True):
+        for parts in (3, 2) if full else (3,):
+            for adt in ("fp32", "fp16", "bf16", "u8") if full else ("fp32",):
                 args = {
                     "adj_ptr": _TL[adt], "Sp_ptr": "*bf16", "work_ptr": "*fp32",
                     **{k: "i32" for k in ("N", "W", "c_sq", "n_adj", "c_tr", "n_tr", "c_sts", "n_sts", "c_q",
