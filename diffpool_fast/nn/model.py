@@ -591,7 +591,7 @@ class DiffPoolClassifier(nn.Module):
         # One conversion of a byte adjacency for all the layers and the pooling of level 0.
         if not adj.is_floating_point():
             adj = adj.to(x.dtype)
-        plan = self._plan(x.shape[0], x.shape[1], graph_sizes, None if mask is None else mask.sum(dim=1))
+        plan = self._plan(x.shape[0], x.shape[1], graph_sizes, mask)
         reads = []
         link = x.new_zeros(())
         ent = x.new_zeros(())
@@ -607,13 +607,12 @@ class DiffPoolClassifier(nn.Module):
         return plan
 
     def _plan(self, B: int, N: Optional[int], graph_sizes, device_sizes: Optional[Tensor]):
-        """Per level ``(K, all_real)`` decided on the host, or None (decided from the tensors)."""
-        if not self.clusters_per_graph:
+        """Per level ``(K, all_real)`` decided on the host, or None (decided from the tensors).
+        ``device_sizes``: the mask [B, N] or node counts [B] ``graph_sizes`` must match (on CPU)."""
+        if not self.clusters_per_graph or (graph_sizes is None and not (self.static_clusters and N is not None)):
             return None
         if self.static_clusters and N is not None:
             return self.static_plan(N)
-        if graph_sizes is None:
-            return None
         if isinstance(graph_sizes, Tensor) and graph_sizes.device.type != "cpu":
             raise ValueError(f"graph_sizes must be a CPU tensor (it spares reading the device), got one on "
                              f"{graph_sizes.device}")
@@ -621,9 +620,10 @@ class DiffPoolClassifier(nn.Module):
         if sizes.shape != (B,) or (N is not None and B and int(sizes.max()) > N):
             raise ValueError(f"graph_sizes must hold the {B} graphs' real node counts (at most {N}), got "
                              f"{sizes.tolist()}")
-        if device_sizes is not None and device_sizes.device.type == "cpu" and not torch.equal(device_sizes, sizes):
-            raise ValueError(f"graph_sizes {sizes.tolist()} disagree with the batch's real node counts "
-                             f"{device_sizes.tolist()}")
+        counts = None if device_sizes is None or device_sizes.device.type != "cpu" else (
+            device_sizes.sum(dim=1) if device_sizes.dim() == 2 else device_sizes)
+        if counts is not None and not torch.equal(counts, sizes):
+            raise ValueError(f"graph_sizes {sizes.tolist()} disagree with the batch's real node counts {counts.tolist()}")
         return cluster_plan(sizes, self.ratio, [level.clusters for level in self.levels])
 
     def _levels(self, x: Tensor, adj: Tensor, mask: Optional[Tensor], levels, reads: List[Tensor],
