@@ -61,27 +61,42 @@ class AdjConfig(NamedTuple):
 
 
 # C_PAD -> (block_m, block_k, num_warps, num_stages). 64 rows: one Hopper warp group's product
-# height; block_k 32 keeps the split operand tiles and the pipelined stages within the register
-# and shared-memory budget without spills (``diffpool-fast compile-check``).
+# height; from 128 clusters on, each program holds 128 of them (more: more programs), and
+# block_k 16 keeps the split operand tiles, the mirrored tile of the symmetry check and the
+# pipelined stages clear of spills on sm_80 and sm_90 (``diffpool-fast compile-check``: block_k
+# 32 spilled on sm_80, and so did 128 rows on 8 warps, by 12 bytes). Not yet timed on a GPU:
+# ``bench/scripts/gpu_tune.py`` tries the alternatives.
 _ADJ_TABLE = {
     16: (64, 64, 4, 3),
     32: (64, 64, 4, 3),
     64: (64, 32, 4, 3),
-    128: (128, 32, 8, 2),
-    256: (128, 32, 8, 2),
-    512: (128, 32, 8, 2),
+    128: (64, 16, 4, 2),
+    256: (64, 16, 4, 2),
+    512: (64, 16, 4, 2),
 }
 
 
 # The residual passes (flagged graphs only) hold S_i's parts, the residual tile and (backward) a
-# [BLOCK_M, BLOCK_C] accumulator: 64-row blocks keep them clear of spills.
+# [BLOCK_M, BLOCK_C] accumulator: 64-row blocks and, above 64 clusters in the backward (above 128
+# forward), cluster blocks keep them clear of spills on sm_80 and sm_90 (``diffpool-fast
+# compile-check``). The backward recomputes S_i . S_k (over all clusters) once per cluster block:
+# C_PAD / 32 times at 128 clusters, the price of no spill (block_c 64 spilled 48 bytes on sm_80).
+# Entries: (block_m, block_k, num_warps, num_stages, block_c).
 _RESIDUAL_TABLE = {
-    16: (64, 64, 4, 2),
-    32: (64, 64, 4, 2),
-    64: (64, 32, 4, 2),
-    128: (64, 32, 4, 2),
-    256: (64, 32, 8, 2),
-    512: (64, 32, 8, 2),
+    16: (64, 64, 4, 2, 16),
+    32: (64, 64, 4, 2, 32),
+    64: (64, 32, 4, 2, 64),
+    128: (64, 16, 4, 2, 128),
+    256: (64, 16, 4, 2, 64),
+    512: (64, 16, 4, 2, 64),
+}
+_RESIDUAL_BWD_TABLE = {
+    16: (64, 64, 4, 2, 16),
+    32: (64, 64, 4, 2, 32),
+    64: (64, 32, 4, 2, 64),
+    128: (64, 16, 8, 2, 32),
+    256: (64, 16, 8, 2, 32),
+    512: (64, 16, 8, 2, 32),
 }
 
 
@@ -89,21 +104,23 @@ def adjacency_config(N: int, c_pad: int, block_m: Optional[int] = None,
                      block_k: Optional[int] = None, table: Optional[dict] = None) -> AdjConfig:
     """Block sizes keyed on C_PAD and bucketed N (row blocks no taller than N's bucket), from
     ``_ADJ_TABLE`` (or ``table``)."""
-    bm, bk, num_warps, num_stages = (table or _ADJ_TABLE)[c_pad]
+    entry = (table or _ADJ_TABLE)[c_pad]
+    bm, bk, num_warps, num_stages = entry[:4]
+    block_c = entry[4] if len(entry) > 4 else min(c_pad, 128)
     if block_m is None:
         block_m = min(bm, max(16, triton.next_power_of_2(N)))
     if block_k is None:
         block_k = min(bk, max(16, triton.next_power_of_2(N)))
-    return AdjConfig(block_m, block_k, num_warps, num_stages, min(c_pad, 128))
+    return AdjConfig(block_m, block_k, num_warps, num_stages, block_c)
 
 
-def adjacency_configs(residual: bool = False):
+def adjacency_configs(table: Optional[dict] = None):
     """Every (C_PAD, AdjConfig) ``adjacency_config`` can return (for the compile check), of the
-    adjacency passes or (``residual``) of the residual passes."""
+    adjacency passes or of another table's (the residual passes')."""
     out = []
     for c_pad in (16, 32, 64, 128, 256, 512):
         for N in (16, 32, 4096):
-            cfg = adjacency_config(N, c_pad, table=_RESIDUAL_TABLE if residual else None)
+            cfg = adjacency_config(N, c_pad, table=table)
             if (c_pad, cfg) not in out:
                 out.append((c_pad, cfg))
     return out
@@ -433,7 +450,7 @@ def link_residual_bwd(adj: torch.Tensor, S: torch.Tensor, fin: torch.Tensor, asy
     """Launch ``link_residual_bwd_kernel`` over every graph: D [B, N, C_PAD] fp32, written for the
     flagged graphs only (the backward row pass reads no other row of it)."""
     B, N, c_pad = S.shape
-    cfg = adjacency_config(N, c_pad, block_m, block_k, _RESIDUAL_TABLE)
+    cfg = adjacency_config(N, c_pad, block_m, block_k, _RESIDUAL_BWD_TABLE)
     a = _adj_arg(adj)
     D = torch.empty((B, N, c_pad), device=S.device, dtype=torch.float32)
     link_residual_bwd_kernel[(B, triton.cdiv(N, cfg.block_m), c_pad // cfg.block_c)](

@@ -56,6 +56,7 @@ class RowConfig(NamedTuple):
     block_k: int  # chunk of the reduced dimension (F or C) in the backward products
     num_warps: int
     num_stages: int
+    block_c: int = 0  # backward: output clusters per step (C_PAD: all at once)
 
 
 # C_PAD -> (block_n, num_warps) of the forward row pass: a few block_n x C_PAD fp32 tiles live,
@@ -71,15 +72,18 @@ def row_fwd_config(N: int, c_pad: int, block_n: Optional[int] = None) -> RowConf
     return RowConfig(block_n, 0, num_warps, 1)
 
 
-# C_PAD -> (block_n, block_k, num_warps, num_stages) of the backward row pass. 64 rows: the
-# smallest M of a Hopper warp-group product; dS [64, C_PAD] fp32 is spread over the warps.
+# C_PAD -> (block_n, block_k, num_warps, num_stages, block_c) of the backward row pass. 64 rows:
+# the smallest M of a Hopper warp-group product. From 128 clusters on, the output columns are
+# taken 64 at a time (block_c; dP waits in a scratch buffer for its row sums): the epilogue's
+# [64, C] tiles (dS, S, the entropy term, dP) spilled at 128 on sm_80 and sm_90, at 64 none does
+# (``diffpool-fast compile-check``).
 _ROW_BWD_TABLE = {
-    16: (64, 16, 4, 2),
-    32: (64, 32, 4, 2),
-    64: (64, 32, 4, 2),
-    128: (64, 16, 8, 2),
-    256: (64, 16, 8, 2),
-    512: (64, 16, 8, 2),
+    16: (64, 16, 4, 2, 16),
+    32: (64, 32, 4, 2, 32),
+    64: (64, 32, 4, 2, 64),
+    128: (64, 16, 8, 2, 64),
+    256: (64, 16, 8, 2, 64),
+    512: (64, 16, 8, 2, 64),
 }
 
 
@@ -87,10 +91,10 @@ def row_bwd_config(N: int, c_pad: int, block_n: Optional[int] = None,
                    block_k: Optional[int] = None) -> RowConfig:
     """Block sizes of the backward row pass (``_ROW_BWD_TABLE``); block_n is at least 16 and
     no taller than N's bucket."""
-    bn, bk, num_warps, num_stages = _ROW_BWD_TABLE[c_pad]
+    bn, bk, num_warps, num_stages, bc = _ROW_BWD_TABLE[c_pad]
     if block_n is None:
         block_n = min(bn, max(16, triton.next_power_of_2(N)))
-    return RowConfig(block_n, block_k or bk, num_warps, num_stages)
+    return RowConfig(block_n, block_k or bk, num_warps, num_stages, min(bc, c_pad))
 
 
 def row_configs():
@@ -231,12 +235,16 @@ def _dp_chunk(cols, b, rows64, row_ok, nc_base, x_ptr, S_ptr, AS_ptr, AtS_ptr, D
             Gk = tl.load(G_ptr + b * stride_Gb + ks[:, None] * stride_Gr + cols[None, :] * stride_Gc,
                          mask=kc_ok & (asym == 0), other=0.0).to(tl.float32)
             h1 += Gt + Gk
-        nk_ok = row_ok[:, None] & k_ok[None, :]
-        ast = tl.load(AS_ptr + nk, mask=nk_ok, other=0.0)
+        ast = tl.load(AS_ptr + nk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         dS = dot_f32(ast, h1, dS, PARTS)
+    # S H3 in a loop of its own: one operand pair live at a time (registers)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < C
         h3 = 4.0 * g_q * tl.load(StS_ptr + b * C_PAD * C_PAD + ks[:, None] * C_PAD + cols[None, :],
                                  mask=k_ok[:, None], other=0.0)
-        st = tl.load(S_ptr + nk, mask=nk_ok, other=0.0)
+        st = tl.load(S_ptr + nc_base + rows64[:, None] * C_PAD + ks[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         dS = dot_f32(st, h3, dS, PARTS)
     # A^T S exists only for graphs flagged non-symmetric: the loop is empty otherwise.
     for k0 in range(0, C * asym, BLOCK_K):
@@ -288,7 +296,7 @@ def assignment_bwd_kernel(
     read); mask_ptr: m [B, N] uint8; StS_ptr: [B, C_PAD, C_PAD] fp32; g_out_ptr: [B, C, F]
     (HAS_GOUT), G_ptr: [B, C, C] (HAS_G), any float dtype and strides; fin_ptr, aux_ptr and the
     four upstream loss gradients: ``finish.grad_scales``. dL_ptr: [B, N, C] in s's dtype; dX_ptr:
-    [B, N, F] in x's dtype. BLOCK_K: chunk of F and of C in the products. Above BLOCK_C clusters
+    [B, N, F] in x's dtype. BLOCK_K: chunk of F and of C in the products. When BLOCK_C < C_PAD
     the output columns are taken BLOCK_C at a time and dP waits in dP_ptr [B, N, C_PAD] fp32
     until the row sums of S dP are complete.
     """
@@ -379,8 +387,8 @@ def assignment_bwd(x, S, AS, AtS, D, asym, mask, StS, g_out, G, fin, aux, gq, ge
     B, N, c_pad = S.shape
     F = x.shape[2]
     cfg = row_bwd_config(N, c_pad, block_n, block_k)
-    block_c = min(c_pad, 128)
-    # above 128 clusters dP waits here for its row sums (kernel docstring)
+    block_c = cfg.block_c
+    # when the columns come block_c at a time, dP waits here for its row sums (kernel docstring)
     dP = torch.empty((B, N, c_pad), device=S.device, dtype=torch.float32) if need_dl and block_c < c_pad else S
     dL = torch.empty((B, N, C), device=S.device, dtype=s_dtype) if need_dl else None
     dX = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None

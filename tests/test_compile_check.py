@@ -33,11 +33,21 @@ def test_representative_kernels_compile_without_spills(tmp_path):
     )
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    rows = [line for line in out.splitlines() if line.endswith("  ok")]
-    kernels = {line.split()[0] for line in rows}
-    assert kernels == {"assignment_fwd_kernel", "assignment_bwd_kernel", "gram_fwd_kernel",
-                       "adjacency_fwd_kernel", "adjacency_bwd_kernel"}, out
-    assert {line.split()[-6] for line in rows} == {"80", "90"}, out
+    rows = [line.split() for line in out.splitlines() if line.endswith("  ok")]
+    kernels = {r[0] for r in rows}
+    assert kernels == {"assignment_fwd_kernel", "assignment_bwd_kernel", "gram_fwd_kernel", "symmetrize_kernel",
+                       "finish_kernel", "adjacency_fwd_kernel", "link_residual_kernel", "link_residual_bwd_kernel",
+                       "adjacency_bwd_kernel"}, out
+    # columns from the right: sm regs spill smem limit HGMMA HMMA status
+    assert {r[-8] for r in rows} == {"80", "90"}, out
+    # issue 19 item 3: at the benchmark's 128 clusters the products over A (and the other product
+    # kernels) use Hopper's warp-group instructions on sm_90, and mma.sync on sm_80
+    for r in rows:
+        line = " ".join(r)
+        if "C_PAD=128 " in line and ("BM=64" in line or "BN=64" in line or "BC=128" in line) and r[0] in (
+                "adjacency_fwd_kernel", "link_residual_kernel", "assignment_bwd_kernel", "gram_fwd_kernel"):
+            hgmma, hmma = int(r[-3]), int(r[-2])
+            assert (hgmma > 0) if r[-8] == "90" else (hmma > 0), line
 
 
 def test_failures_are_reported_as_failures():
@@ -49,6 +59,11 @@ def test_failures_are_reported_as_failures():
     assert not ok._replace(shared=SMEM_LIMIT[80] + 1).ok
     assert ok._replace(target=90, shared=SMEM_LIMIT[80] + 1).ok
     assert not ok._replace(registers=None, spill_bytes=None, shared=None, error="boom").ok
+    # a product kernel whose SASS has no tensor-core instruction fell back to FMA: a failure
+    product = Result("adjacency_fwd_kernel", "cfg", 90, 100, 0, 1024, None, 0, 0)
+    assert product.fma_fallback and not product.ok
+    assert product._replace(hgmma=6).ok and product._replace(target=80, hmma=96).ok
+    assert ok._replace(hgmma=0, hmma=0).ok  # not a product kernel
 
 
 def test_refuses_to_run_under_the_interpreter():

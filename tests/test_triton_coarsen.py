@@ -349,3 +349,28 @@ def test_product_precision_follows_torch_matmul_precision(setting, C, monkeypatc
     tol = 1e-5 if setting == "highest" else 2e-4
     for name, got, r in zip(("out", "out_adj"), outs, ref):
         assert_close_scaled(got, r, tol, name)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy on NaN
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_x_on_a_padded_row_reaches_the_gradient_of_s(value):
+    """Issue 19 item 9: S^T X is 0 * NaN = NaN on a padded row, as in PyG, and so is the gradient
+    of s there: the row pass multiplies by the mask (m * dS) rather than selecting, as PyG's
+    s * mask does. Before, the Triton path gave a finite gradient for s."""
+    g = fresh_generator()
+    x, adj, s, mask = make_inputs(3, 30, 6, 5, f32, f32, "none", "sym", g)
+    mask = torch.ones(3, 30, dtype=torch.bool, device=DEVICE)
+    mask[1, 20:] = False
+    x[1, 25, 2] = value
+    grads = {}
+    for backend in ("triton", "torch"):
+        st = s.detach().clone().requires_grad_()
+        out, out_adj, link, ent = dense_diff_pool(x, adj, st, mask, backend=backend)
+        (gs,) = torch.autograd.grad(out.sum() + out_adj.sum() + link + ent, [st])
+        grads[backend] = gs
+    sr = s.detach().cpu().requires_grad_()
+    ref = dense_diff_pool_reference(x.cpu(), adj.cpu(), sr, mask.cpu())
+    (gr,) = torch.autograd.grad(sum(r.sum() for r in ref), [sr])
+    assert not torch.isfinite(gr[1]).all()  # PyG's formulas: NaN in graph 1's gradient
+    for backend, gs in grads.items():
+        assert torch.equal(torch.isfinite(gs).cpu(), torch.isfinite(gr)), backend

@@ -14,10 +14,14 @@ under float64 x/s) is converted a block of rows at a time, one block alive at on
 (``CONVERT_CHUNK_BYTES``), and ||A||^2 is summed from the same converted blocks, in the compute
 dtype (float64 for float64 x/s).
 
-The three scalar terms of the link loss are summed per graph in float64. Where they cancel (the
-assignment fits the graph), the graph is flagged and its Q and dQ/dS are recomputed directly
-(``link_exact``). Q is then clamped at 0, with zero gradient where the clamp acts; NaN and inf
-pass through the clamp and the flags, so a diverging run sees them.
+On the CPU the three scalar terms of the link loss are summed per graph in float64. Where they
+cancel (the assignment fits the graph), the graph is flagged and its Q and dQ/dS are recomputed
+directly (``link_exact``). Off the CPU (a GPU) and under ``torch.compile`` the step reads no
+value back (which would stall the host until the device drains, or break the graph): every
+graph's Q and dQ/dS = -2 (R + R^T) S come from the residual R = A - S S^T directly, a block of
+rows at a time (no B x N x N tensor), in S's dtype on a GPU (PyG's residual, its accuracy) and
+in float64 on the CPU. Q is then clamped at 0, with zero gradient where the clamp acts; NaN and
+inf pass through the clamp and the flags, so a diverging run sees them.
 
 Double backward (``create_graph=True``): the backward then recomputes the step from the saved
 inputs with differentiable torch ops (still no B x N x N tensor for a constant adjacency) and
@@ -167,29 +171,34 @@ class CoarsenTorchFunction(torch.autograd.Function):
         St = S.transpose(1, 2)
         # S is 0 on padded rows, so S^T X needs no masked copy of X.
         out = St @ x.to(dt)
-        AS, adj_sq = adjacency_matmul(adj, S, want_sq=True)
-        out_adj = St @ AS
-        StS = St @ S
-        raw, sts_sq = _link_sq(adj_sq, out_adj, StS)
-        flags = link_exact.cancellation_flags(adj_sq, sts_sq, raw)
-        D = None
         # Under torch.compile a branch on the flags' values would break the graph, and on a GPU
         # reading them would stall the host until the device drains: there every graph takes the
-        # direct recompute (exact, one more chunked pass over A), Q and dQ/dS, so nothing is read
-        # back. On the CPU only flagged graphs are recomputed.
+        # direct recompute (one more chunked pass over A), Q and dQ/dS, so nothing is read back
+        # and the identity's terms are not needed. On the CPU only flagged graphs are recomputed.
         compiling = torch.compiler.is_compiling()
         sync_free = compiling or reads_stall(S.device)
-        if not exact:  # the caller discards link_sq (the BCE link loss): no recompute
-            flags = torch.zeros_like(flags)
-        elif sync_free:
-            raw, D = link_exact.exact_link(adj, S, list(range(flags.shape[0])), want_d=ctx.needs_input_grad[2],
-                                           symmetric=symmetric, chunk_bytes=CONVERT_CHUNK_BYTES)
-            flags = torch.ones_like(flags)
-        elif bool(flags.any()):
-            idx = flags.nonzero().squeeze(1)
-            q_exact, D = link_exact.exact_link(adj, S, idx, want_d=ctx.needs_input_grad[2], symmetric=symmetric,
-                                               chunk_bytes=CONVERT_CHUNK_BYTES)
-            raw = raw.index_put((idx,), q_exact)
+        direct = sync_free and exact
+        AS, adj_sq = (adjacency_matmul(adj, S), None) if direct else adjacency_matmul(adj, S, want_sq=True)
+        out_adj = St @ AS
+        StS = St @ S
+        D = None
+        if direct:
+            # on a GPU the residual in S's dtype, as PyG forms it (float64 products are slow there):
+            # PyG's accuracy for every graph
+            wide = torch.float64 if not reads_stall(S.device) else dt
+            raw, D = link_exact.exact_link(adj, S, list(range(S.shape[0])), want_d=ctx.needs_input_grad[2],
+                                           symmetric=symmetric, chunk_bytes=CONVERT_CHUNK_BYTES, wide=wide)
+            flags = torch.ones(S.shape[0], dtype=torch.bool, device=S.device)
+        else:
+            raw, sts_sq = _link_sq(adj_sq, out_adj, StS)
+            flags = link_exact.cancellation_flags(adj_sq, sts_sq, raw)
+            if not exact:  # the caller discards link_sq (the BCE link loss): no recompute
+                flags = torch.zeros_like(flags)
+            elif bool(flags.any()):  # the CPU: no device to wait for
+                idx = flags.nonzero().squeeze(1)
+                q_exact, D = link_exact.exact_link(adj, S, idx, want_d=ctx.needs_input_grad[2], symmetric=symmetric,
+                                                   chunk_bytes=CONVERT_CHUNK_BYTES)
+                raw = raw.index_put((idx,), q_exact)
         # q <= 0 (only a graph whose terms are all 0) is clamped; NaN is not
         zero = raw <= 0
         link_sq = torch.where(zero, torch.zeros_like(raw), raw)

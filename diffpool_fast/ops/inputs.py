@@ -64,13 +64,15 @@ def _check_mask_values(mask: Tensor) -> None:
     """A float or integer mask must hold only 0 and 1: a fractional weight (or 2, or NaN) would
     silently change what the mask means.
 
-    Eagerly this is a ``ValueError``. Inside ``torch.compile`` (and ``torch.export``) a Python
-    ``if`` on tensor values would be a graph break, so the check is a tensor-side assertion
-    (``torch._assert_async``) instead, in the graph: on CPU a ``RuntimeError`` with this message,
-    on CUDA a device-side assert (which ends the CUDA context). A bool mask needs no check.
+    Eagerly on the CPU this is a ``ValueError``. Inside ``torch.compile`` (and ``torch.export``) a
+    Python ``if`` on tensor values would be a graph break, and on a GPU reading the values would
+    stall the host until the device drains, so there the check is a tensor-side assertion
+    (``torch._assert_async``): on CPU a ``RuntimeError`` with this message, on CUDA a device-side
+    assert (which ends the CUDA context). A bool mask needs no check.
     """
     bad = (mask != 0) & (mask != 1)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or mask.device.type != "cpu":
+        # no value read back: on a GPU that would stall the host until the device drains
         torch._assert_async(~bad.any(), MASK_VALUES_MESSAGE)
     elif bool(bad.any()):
         raise ValueError(f"mask of dtype {mask.dtype} must hold only 0 and 1, "
@@ -166,7 +168,8 @@ def check_num_clusters(num_clusters, B: int, C: int, device) -> Optional[Tensor]
     Accepted: None (every graph uses all C columns of s), a [B] integer tensor, or a sequence
     of B ints; each k_b must lie in [1, C] (a graph keeps at least one cluster, so every real
     row still sums to 1). Inside ``torch.compile`` the range check is a tensor-side
-    assertion, as for the mask's values.
+    assertion, as for the mask's values, and so is it for tensors on a GPU (no value is read
+    back there).
     """
     if num_clusters is None:
         return None
@@ -188,7 +191,9 @@ def check_num_clusters(num_clusters, B: int, C: int, device) -> Optional[Tensor]
         raise ValueError(f"num_clusters must be on the device of s ({device}), got {num_clusters.device}")
     k = num_clusters.to(torch.int64)
     bad = (k < 1) | (k > C)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or k.device.type != "cpu":
+        # no value read back (a graph break; on a GPU a stall until the device drains): an
+        # assertion on the device instead
         torch._assert_async(~bad.any(), "num_clusters must lie in [1, C]")
     elif B > 0 and bool(bad.any()):
         b = int(bad.nonzero()[0, 0])

@@ -126,6 +126,7 @@ def exact_link(
     want_d: bool = False,
     symmetric: Union[bool, Sequence[bool], Tensor] = False,
     chunk_bytes: int = 64 << 20,
+    wide: torch.dtype = _WIDE,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """Q_g = ||A_g - S_g S_g^T||^2 and D_g = (R_g + R_g^T) S_g for the graphs ``graphs``, directly.
 
@@ -134,11 +135,14 @@ def exact_link(
     listed graph) where A_g = A_g^T is known, so R^T S = R S is not recomputed. Returns ``(Q [G]
     float64 or None, D [G, N, C] in S's dtype or None)``. Works without autograd (call it under
     ``torch.no_grad()`` or in a backward); row chunks of at most ``chunk_bytes`` float64.
+    ``wide``: the dtype R is formed in; float64 (default) as the docstring above argues, or S's
+    own dtype, which is PyG's residual (its accuracy; the torch path's GPU branch, where every
+    graph is recomputed and float64 products are slow).
     """
     B, N, C = S.shape
     G = len(graphs) if isinstance(graphs, list) else int(graphs.numel())
     dev = S.device
-    q = torch.zeros(G, dtype=_WIDE, device=dev) if want_q else None
+    q = torch.zeros(G, dtype=torch.float64, device=dev) if want_q else None
     D = torch.zeros((G, N, C), dtype=S.dtype, device=dev) if want_d else None
     if G == 0 or N == 0:
         return q, D
@@ -155,30 +159,30 @@ def exact_link(
         graphs = (torch.arange(G, device=dev) if graph_list == list(range(G))
                   else torch.tensor(graph_list, dtype=torch.long, device=dev))
     # sparse adjacencies are densified one graph's rows at a time
-    blocks = row_blocks(G, N, _WIDE.itemsize, chunk_bytes) if not sparse else (
-        (g, g + 1, r0, r1) for g in range(G) for _, _, r0, r1 in row_blocks(1, N, _WIDE.itemsize, chunk_bytes)
+    blocks = row_blocks(G, N, wide.itemsize, chunk_bytes) if not sparse else (
+        (g, g + 1, r0, r1) for g in range(G) for _, _, r0, r1 in row_blocks(1, N, wide.itemsize, chunk_bytes)
     )
     group_key = None
     for g0, g1, r0, r1 in blocks:
         if group_key != (g0, g1):
             group_key = (g0, g1)
             S_group = S.index_select(0, graphs[g0:g1])  # [g, N, C]: small
-            S_wide = S_group.to(_WIDE)
+            S_wide = S_group.to(wide)
         # R rows = A rows - S rows S^T, one [g, r, N] float64 block (the only N-wide buffer;
         # converting first and subtracting in place is the fastest form on the CPU)
         if sparse:
-            R = sparse_rows(adj, graph_list[g0], r0, r1)
-        elif g1 - g0 == 1:  # copy=True: a float64 adj must not be the block subtracted into
-            R = adj[graph_list[g0], r0:r1].unsqueeze(0).to(_WIDE, copy=True)
+            R = sparse_rows(adj, graph_list[g0], r0, r1).to(wide)
+        elif g1 - g0 == 1:  # copy=True: adj itself must not be the block subtracted into
+            R = adj[graph_list[g0], r0:r1].unsqueeze(0).to(wide, copy=True)
         else:
-            R = adj.index_select(0, graphs[g0:g1])[:, r0:r1].to(_WIDE)
+            R = adj.index_select(0, graphs[g0:g1])[:, r0:r1].to(wide)
         R.baddbmm_(S_wide[:, r0:r1], S_wide.transpose(1, 2), alpha=-1.0)
         if want_q:
-            q[g0:g1] += torch.linalg.vector_norm(R, dim=(1, 2)).square()
+            q[g0:g1] += torch.linalg.vector_norm(R, dim=(1, 2)).to(torch.float64).square()
         if want_d:
             # R rounded to S's dtype keeps each entry to its own relative precision (PyG's R
             # carries the rounding of S S^T); the products are then the same as PyG's
-            Rp = R if S.dtype == _WIDE else R.to(S.dtype)
+            Rp = R if S.dtype == R.dtype else R.to(S.dtype)
             del R
             RS = torch.bmm(Rp, S_group)
             if all(sym[g0:g1]):

@@ -80,11 +80,12 @@ def _row_variants(full: bool) -> List[Variant]:
                         "HAS_MASK": True, "NEED_DL": need_dl, "NEED_DX": need_dx, "HAS_D": True,
                         "HAS_GOUT": True, "HAS_G": True, "HAS_GQ": True, "HAS_GENT": True,
                         "HAS_GLINK": True, "HAS_GENTL": True, "MODE": 0, "PER_GRAPH": False,
-                        "BLOCK_N": bcfg.block_n, "BLOCK_K": bcfg.block_k, "BLOCK_C": min(c_pad, 128),
+                        "BLOCK_N": bcfg.block_n, "BLOCK_K": bcfg.block_k, "BLOCK_C": bcfg.block_c,
                         "C_PAD": c_pad, "PARTS": parts,
                     }
-                    label = (f"C_PAD={c_pad} BN={bcfg.block_n} BK={bcfg.block_k} w{bcfg.num_warps} "
-                             f"s{bcfg.num_stages} P{parts} x,s={dt} dL={int(need_dl)} dX={int(need_dx)}")
+                    label = (f"C_PAD={c_pad} BN={bcfg.block_n} BK={bcfg.block_k} BC={bcfg.block_c} "
+                             f"w{bcfg.num_warps} s{bcfg.num_stages} P{parts} x,s={dt} dL={int(need_dl)} "
+                             f"dX={int(need_dx)}")
                     out.append(Variant("assignment_bwd_kernel", label, args, bcfg.num_warps, bcfg.num_stages))
     return out
 
@@ -122,7 +123,12 @@ def _gram_variants(full: bool) -> List[Variant]:
 
 
 def _adjacency_variants(full: bool) -> List[Variant]:
-    from ..kernels.adjacency import adjacency_configs, adjacency_grad_configs
+    from ..kernels.adjacency import (
+        _RESIDUAL_BWD_TABLE,
+        _RESIDUAL_TABLE,
+        adjacency_configs,
+        adjacency_grad_configs,
+    )
 
     out = []
     # (mode, FWD_TERMS, CHECK_SYM, SKIP_SYMMETRIC, S_FP32)
@@ -147,27 +153,28 @@ def _adjacency_variants(full: bool) -> List[Variant]:
                     label = (f"C_PAD={c_pad} BM={cfg.block_m} BK={cfg.block_k} BC={cfg.block_c} w{cfg.num_warps} "
                              f"s{cfg.num_stages} P{parts} A={adt} {mode}")
                     out.append(Variant("adjacency_fwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
-    for c_pad, cfg in adjacency_configs(residual=True):
-        for parts in (3, 2) if full else (3,):
-            for adt in ("fp32", "fp16", "bf16", "u8") if full else ("fp32",):
-                args = {
-                    "adj_ptr": _TL[adt], "Sp_ptr": "*bf16", "work_ptr": "*fp32",
-                    **{k: "i32" for k in ("N", "W", "c_sq", "n_adj", "c_tr", "n_tr", "c_sts", "n_sts", "c_q",
-                                          "c_flag", "plane")},
-                    "rho": "fp32", "stride_ab": "i32", "stride_ar": "i32", "stride_ac": 1,
-                    "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_C": cfg.block_c, "C_PAD": c_pad,
-                    "PARTS": parts, "ADJ_PAD": 64, "TR_PAD": 4, "STS_PAD": 16,
-                }
-                label = (f"C_PAD={c_pad} BM={cfg.block_m} BK={cfg.block_k} w{cfg.num_warps} "
-                         f"s{cfg.num_stages} P{parts} A={adt}")
-                out.append(Variant("link_residual_kernel", label, args, cfg.num_warps, cfg.num_stages))
-                args = {
-                    "adj_ptr": _TL[adt], "S_ptr": "*fp32", "fin_ptr": "*fp64", "asym_ptr": "*i32", "D_ptr": "*fp32",
-                    "N": "i32", "stride_ab": "i32", "stride_ar": "i32", "stride_ac": 1,
-                    "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_C": cfg.block_c, "C_PAD": c_pad,
-                    "PARTS": parts,
-                }
-                out.append(Variant("link_residual_bwd_kernel", label, args, cfg.num_warps, cfg.num_stages))
+    for table, kernel in ((_RESIDUAL_TABLE, "link_residual_kernel"), (_RESIDUAL_BWD_TABLE, "link_residual_bwd_kernel")):
+        for c_pad, cfg in adjacency_configs(table):
+            for parts in (3, 2) if full else (3,):
+                for adt in ("fp32", "fp16", "bf16", "u8") if full else ("fp32",):
+                    if kernel == "link_residual_kernel":
+                        args = {
+                            "adj_ptr": _TL[adt], "Sp_ptr": "*bf16", "work_ptr": "*fp32",
+                            **{k: "i32" for k in ("N", "W", "c_sq", "n_adj", "c_tr", "n_tr", "c_sts", "n_sts", "c_q",
+                                                  "c_flag", "plane")},
+                            "rho": "fp32", "stride_ab": "i32", "stride_ar": "i32", "stride_ac": 1,
+                            "ADJ_PAD": 64, "TR_PAD": 4, "STS_PAD": 16,
+                        }
+                    else:
+                        args = {
+                            "adj_ptr": _TL[adt], "S_ptr": "*fp32", "fin_ptr": "*fp64", "asym_ptr": "*i32",
+                            "D_ptr": "*fp32", "N": "i32", "stride_ab": "i32", "stride_ar": "i32", "stride_ac": 1,
+                        }
+                    args.update({"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_C": cfg.block_c,
+                                 "C_PAD": c_pad, "PARTS": parts})
+                    label = (f"C_PAD={c_pad} BM={cfg.block_m} BK={cfg.block_k} BC={cfg.block_c} w{cfg.num_warps} "
+                             f"s{cfg.num_stages} P{parts} A={adt}")
+                    out.append(Variant(kernel, label, args, cfg.num_warps, cfg.num_stages))
     for cfg in adjacency_grad_configs():
         for c_pad in (16, 128, 512) if full else (128,):
             for adt in ("fp32", "fp16", "bf16") if full else ("fp32",):
