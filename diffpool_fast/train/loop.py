@@ -13,7 +13,9 @@ atomically (temp file + os.replace): model, optimizer, RNG states, fold, epoch a
 far, the options, the dataset's fingerprint and the package version (a first checkpoint is
 written before the first epoch). Each epoch's batch order and dropout draw from (seed, fold,
 epoch) only, so ``--resume --out OUT`` continues an interrupted run to bit-for-bit the result of
-an uninterrupted one (same machine, same thread count: the resume keeps the run's). It takes the
+an uninterrupted one (same machine, same thread count: the resume keeps the run's; without
+``--threads`` the count is a fixed rule, ``default_threads``, never the machine's load; on CUDA
+with ``--deterministic on``, see ``steps``). It takes the
 options from the checkpoint and refuses conflicting ones, other data, another package version
 and a damaged or inconsistent checkpoint (``resume``), before writing anything. ``OUT/results.json``
 holds per-fold and mean +- std test accuracy (std over folds, ddof=0), epochs, time per epoch and
