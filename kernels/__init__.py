@@ -6,6 +6,18 @@ the launch plan live in the package (``diffpool_fast/ops/coarsen_triton.py``).
 from ..config import triton_interpreting
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: the launch helpers' grid sizes. ``triton.cdiv`` and
+    ``triton.next_power_of_2`` are constexpr functions in triton 3.6, whose Python calls unwrap
+    their arguments: about 2 microseconds of host time each, some 30 a step."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as ``triton.next_power_of_2``."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def register_cap(num_warps: int) -> int:
     """The ``maxnreg`` every launch passes: all registers one program's threads may hold.
 

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import register_cap
+from . import cdiv, next_pow2, register_cap
 from .finish import grad_scales, grad_strides
 from .split import dot_exact_a, dot_f32, dot_parts, split_bf16
 
@@ -108,9 +108,9 @@ def adjacency_config(N: int, c_pad: int, block_m: Optional[int] = None,
     bm, bk, num_warps, num_stages = entry[:4]
     block_c = entry[4] if len(entry) > 4 else min(c_pad, 128)
     if block_m is None:
-        block_m = min(bm, max(16, triton.next_power_of_2(N)))
+        block_m = min(bm, max(16, next_pow2(N)))
     if block_k is None:
-        block_k = min(bk, max(16, triton.next_power_of_2(N)))
+        block_k = min(bk, max(16, next_pow2(N)))
     return AdjConfig(block_m, block_k, num_warps, num_stages, block_c)
 
 
@@ -232,7 +232,7 @@ def adj_blocks(N: int, C: int, block_m: Optional[int] = None) -> int:
     """Programs per graph of the adjacency passes (partial-sum columns they write)."""
     from .assignment import cluster_pad
 
-    return triton.cdiv(N, adjacency_config(N, cluster_pad(C), block_m).block_m)
+    return cdiv(N, adjacency_config(N, cluster_pad(C), block_m).block_m)
 
 
 def adjacency_fwd(adj: torch.Tensor, Sp: torch.Tensor, mask: Optional[torch.Tensor], work: torch.Tensor,
@@ -246,7 +246,7 @@ def adjacency_fwd(adj: torch.Tensor, Sp: torch.Tensor, mask: Optional[torch.Tens
     a = _adj_arg(adj)
     AS = torch.empty((B, N, c_pad), device=Sp.device, dtype=torch.float32)
     mask_u8 = mask.view(torch.uint8) if (pad_sq and mask is not None) else Sp
-    adjacency_fwd_kernel[(B, triton.cdiv(N, cfg.block_m), c_pad // cfg.block_c)](
+    adjacency_fwd_kernel[(B, cdiv(N, cfg.block_m), c_pad // cfg.block_c)](
         a, Sp, AS, work, mask_u8, work,
         N, work.shape[1], cols[0], cols[1], cols[2], B * N * c_pad,
         a.stride(0), a.stride(1), a.stride(2), mask_u8.stride(0) if mask_u8 is not Sp else 0,
@@ -269,7 +269,7 @@ def adjacency_transpose_fwd(adj: torch.Tensor, S: torch.Tensor, asym: torch.Tens
     cfg = adjacency_config(N, c_pad, block_m, block_k)
     a = _adj_arg(adj)
     AtS = torch.empty((B, N, c_pad), device=S.device, dtype=torch.float32)
-    adjacency_fwd_kernel[(B, triton.cdiv(N, cfg.block_m), c_pad // cfg.block_c)](
+    adjacency_fwd_kernel[(B, cdiv(N, cfg.block_m), c_pad // cfg.block_c)](
         a, S, AtS, AtS, AtS, asym,
         N, 0, 0, 0, 0, 0,
         a.stride(0), a.stride(2), a.stride(1), 0,
@@ -370,7 +370,7 @@ def link_residual_kernel(
 
 
 def _pad(n: int) -> int:
-    return max(2, triton.next_power_of_2(max(1, n)))
+    return max(2, next_pow2(max(1, n)))
 
 
 def link_residual(adj: torch.Tensor, Sp: torch.Tensor, work: torch.Tensor, ws, rho: float,
@@ -379,7 +379,7 @@ def link_residual(adj: torch.Tensor, Sp: torch.Tensor, work: torch.Tensor, ws, r
     parts, B, N, c_pad = Sp.shape
     cfg = adjacency_config(N, c_pad, block_m, block_k, _RESIDUAL_TABLE)
     a = _adj_arg(adj)
-    link_residual_kernel[(B, triton.cdiv(N, cfg.block_m))](
+    link_residual_kernel[(B, cdiv(N, cfg.block_m))](
         a, Sp, work,
         N, ws.width, ws.sq, ws.n_adj, ws.tr, ws.n_tr, ws.sts, ws.n_sts, ws.q, ws.flag, B * N * c_pad, rho,
         a.stride(0), a.stride(1), a.stride(2),
@@ -453,7 +453,7 @@ def link_residual_bwd(adj: torch.Tensor, S: torch.Tensor, fin: torch.Tensor, asy
     cfg = adjacency_config(N, c_pad, block_m, block_k, _RESIDUAL_BWD_TABLE)
     a = _adj_arg(adj)
     D = torch.empty((B, N, c_pad), device=S.device, dtype=torch.float32)
-    link_residual_bwd_kernel[(B, triton.cdiv(N, cfg.block_m), c_pad // cfg.block_c)](
+    link_residual_bwd_kernel[(B, cdiv(N, cfg.block_m), c_pad // cfg.block_c)](
         a, S, fin, asym, D,
         N,
         a.stride(0), a.stride(1), a.stride(2),
@@ -556,7 +556,7 @@ def adjacency_bwd(adj: torch.Tensor, S: torch.Tensor, G: Optional[torch.Tensor],
     def opt(t):
         return t if t is not None else fin
 
-    grid = (B, triton.cdiv(N, cfg.block_m), triton.cdiv(N, cfg.block_n))
+    grid = (B, cdiv(N, cfg.block_m), cdiv(N, cfg.block_n))
     adjacency_bwd_kernel[grid](
         adj, W, S, mask_u8, fin, aux, opt(gq), opt(gent), opt(glink), opt(gentl), dA,
         B, N, C, *grad_strides(gq, gent, glink, gentl),

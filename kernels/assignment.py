@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import register_cap
+from . import cdiv, next_pow2, register_cap
 from .finish import grad_scales, grad_strides
 from .split import dot_f32, precise_exp, precise_log, split_bf16
 
@@ -48,7 +48,7 @@ MAX_C_PAD = 512
 
 def cluster_pad(C: int) -> int:
     """C padded to the power of two (>= 16, the smallest ``tl.dot`` tile) that blocks use."""
-    return max(16, triton.next_power_of_2(C))
+    return max(16, next_pow2(C))
 
 
 class RowConfig(NamedTuple):
@@ -68,7 +68,7 @@ def row_fwd_config(N: int, c_pad: int, block_n: Optional[int] = None) -> RowConf
     """Forward row pass (``_ROW_FWD_TABLE``); block_n no taller than N's bucket."""
     bn, num_warps = _ROW_FWD_TABLE[c_pad]
     if block_n is None:
-        block_n = min(bn, max(16, triton.next_power_of_2(N)))
+        block_n = min(bn, max(16, next_pow2(N)))
     return RowConfig(block_n, 0, num_warps, 1)
 
 
@@ -93,7 +93,7 @@ def row_bwd_config(N: int, c_pad: int, block_n: Optional[int] = None,
     no taller than N's bucket."""
     bn, bk, num_warps, num_stages, bc = _ROW_BWD_TABLE[c_pad]
     if block_n is None:
-        block_n = min(bn, max(16, triton.next_power_of_2(N)))
+        block_n = min(bn, max(16, next_pow2(N)))
     return RowConfig(block_n, block_k or bk, num_warps, num_stages, min(bc, c_pad))
 
 
@@ -181,7 +181,7 @@ def assignment_fwd(s: torch.Tensor, mask: Optional[torch.Tensor], num_clusters: 
     Sp = torch.empty((parts, B, N, c_pad), device=s.device, dtype=torch.bfloat16)
     mask_u8 = mask.view(torch.uint8) if mask is not None else S
     nc = num_clusters if num_clusters is not None else S
-    assignment_fwd_kernel[(B, triton.cdiv(N, cfg.block_n))](
+    assignment_fwd_kernel[(B, cdiv(N, cfg.block_n))](
         s, mask_u8, nc, S, Sp, work,
         N, C, work.shape[1], col_ent, col_cnt, B * N * c_pad,
         s.stride(0), s.stride(1), s.stride(2),
@@ -196,7 +196,7 @@ def assignment_fwd(s: torch.Tensor, mask: Optional[torch.Tensor], num_clusters: 
 
 def row_blocks(N: int, C: int, block_n: Optional[int] = None) -> int:
     """Programs per graph of the forward row pass (partial-sum columns it writes)."""
-    return triton.cdiv(N, row_fwd_config(N, cluster_pad(C), block_n).block_n)
+    return cdiv(N, row_fwd_config(N, cluster_pad(C), block_n).block_n)
 
 
 @triton.jit
@@ -401,7 +401,7 @@ def assignment_bwd(x, S, AS, AtS, D, asym, mask, StS, g_out, G, fin, aux, gq, ge
     def opt(t):
         return t if t is not None else fin
 
-    assignment_bwd_kernel[(B, triton.cdiv(N, cfg.block_n))](
+    assignment_bwd_kernel[(B, cdiv(N, cfg.block_n))](
         x, S, AS, AtS, D if D is not None else S, asym, mask_u8, StS,
         go, Gm, fin, aux, opt(gq), opt(gent), opt(glink), opt(gentl),
         dl_arg, dx_arg, dP,

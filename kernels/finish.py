@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import next_pow2
+
 #: modes of the link loss's scaling (``normalize``), as the kernels' MODE constexpr
 MODE_NUMEL, MODE_NONE, MODE_GRAPH = 0, 1, 2
 
@@ -157,7 +159,7 @@ def finish_kernel(
 
 
 def _pad(n: int) -> int:
-    return max(2, triton.next_power_of_2(max(1, n)))
+    return max(2, next_pow2(max(1, n)))
 
 
 def finish(work: torch.Tensor, ws: Workspace, N: int, mode: int, per_graph: bool, exact: bool,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import register_cap
+from . import cdiv, next_pow2, register_cap
 from .split import dot_parts, split_bf16
 
 
@@ -60,8 +60,8 @@ def gram_config(N: int, c_pad: int, F: int, block_c: Optional[int] = None,
     """Block sizes keyed on C_PAD (``_GRAM_TABLE``); F and N only cap the tiles."""
     bc, bf, bn, warps, stages = _GRAM_TABLE[c_pad]
     bc = min(block_c or bc, c_pad)
-    bf = block_f or min(bf, max(16, triton.next_power_of_2(F)))
-    bn = block_n or min(bn, max(16, triton.next_power_of_2(N)))
+    bf = block_f or min(bf, max(16, next_pow2(F)))
+    bn = block_n or min(bn, max(16, next_pow2(N)))
     if bc < 128 and warps == 8 and block_c is not None:
         warps = 4
     return GramConfig(bc, bf, bn, warps, stages)
@@ -205,7 +205,7 @@ def symmetrize_kernel(out_adj_ptr, work_ptr, C, W, c_asym, n_adj,
 
 
 def _pad(n: int) -> int:
-    return max(2, triton.next_power_of_2(max(1, n)))
+    return max(2, next_pow2(max(1, n)))
 
 
 def gram_tiles(c_pad: int, block_c: Optional[int] = None) -> int:
@@ -221,7 +221,7 @@ def gram_fwd(x: torch.Tensor, Sp: torch.Tensor, AS: torch.Tensor, work: torch.Te
     F = x.shape[2]
     cfg = gram_config(N, c_pad, F, block_c, block_f, block_n)
     nt = c_pad // cfg.block_c
-    n_ft = triton.cdiv(F, cfg.block_f)
+    n_ft = cdiv(F, cfg.block_f)
     dev = Sp.device
     out = torch.empty((B, C, F), device=dev, dtype=torch.float32)
     out_adj = torch.empty((B, C, C), device=dev, dtype=torch.float32)

@@ -2,8 +2,9 @@
 two-clique near-fit case (also used by test_numerics.py).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), where ``tl.dot`` is a NumPy
-fp32 matmul; on CUDA the adjacency products use tf32 (kernels/adjacency.py), so the tolerances
-below are per device and per dtype.
+fp32 matmul (of the bf16 parts the kernels split fp32 operands into, kernels/split.py); on CUDA
+the same parts run on tensor cores, with libdevice's exp and log, so the tolerances below are per
+device and per dtype.
 """
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ def nan_poisoned_allocations():
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def poison(t):
+        if t.requires_grad:  # a leaf made to require grad (torch 2.11's checkpoint) cannot be filled in place
+            return t
         if t.is_floating_point():
             t.fill_(math.nan)
         elif t.dtype != torch.bool and t.numel():
@@ -91,10 +94,12 @@ def nan_poisoned_allocations():
 def tolerance(dtype: torch.dtype) -> float:
     """Allowed max error relative to the largest reference magnitude of a tensor.
 
-    Interpreter: fp32 NumPy products, so fp32 rounding only; CUDA: tf32 products (10-bit
-    mantissa operands, fp32 accumulation). Half-precision results add their own rounding.
+    Interpreter: the split products in NumPy fp32, so fp32 rounding only; CUDA: the same split
+    products on tensor cores (fp32-grade under torch's default "highest" precision), with a
+    margin for the order of their accumulation and libdevice's exp and log. Half-precision
+    results add their own rounding.
     """
-    base = 2e-5 if DEVICE == "cpu" else 3e-3
+    base = 2e-5 if DEVICE == "cpu" else 1e-4
     if dtype == torch.float16:
         return max(base, 2e-3)
     if dtype == torch.bfloat16:
