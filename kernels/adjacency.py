@@ -46,7 +46,7 @@ import triton.language as tl
 
 from . import cdiv, next_pow2, register_cap
 from .finish import grad_scales, grad_strides
-from .split import dot_exact_a, dot_f32, dot_parts, split_bf16
+from .split import dot_exact_a, dot_f32, dot_parts, load_parts, split_bf16
 
 #: adjacency dtypes exact in bf16 (one part): 0/1 and integers up to 256
 EXACT_ADJ_DTYPES = (torch.bool, torch.uint8, torch.bfloat16)
@@ -188,12 +188,7 @@ def adjacency_fwd_kernel(
         if S_FP32:
             s0, s1, s2 = split_bf16(tl.load(sp, mask=k_ok[:, None], other=0.0), PARTS)
         else:
-            s0 = tl.load(sp, mask=k_ok[:, None], other=0.0)
-            s1 = tl.load(sp + plane, mask=k_ok[:, None], other=0.0)
-            if PARTS == 3:
-                s2 = tl.load(sp + 2 * plane, mask=k_ok[:, None], other=0.0)
-            else:
-                s2 = s1
+            s0, s1, s2 = load_parts(sp, plane, k_ok[:, None], PARTS)
         if A_EXACT:
             acc = dot_exact_a(a, s0, s1, s2, acc, PARTS)
         else:
@@ -316,13 +311,8 @@ def link_residual_kernel(
     if C_PAD == BLOCK_C:
         # S_i's parts stay in shared memory through the loop
         cols = tl.arange(0, C_PAD)
-        si = s_base + rows64[:, None] * C_PAD + cols[None, :]
-        si0 = tl.load(si, mask=row_ok[:, None] & (k_end > 0), other=0.0)
-        si1 = tl.load(si + plane, mask=row_ok[:, None] & (k_end > 0), other=0.0)
-        if PARTS == 3:
-            si2 = tl.load(si + 2 * plane, mask=row_ok[:, None] & (k_end > 0), other=0.0)
-        else:
-            si2 = si1
+        si0, si1, si2 = load_parts(s_base + rows64[:, None] * C_PAD + cols[None, :], plane,
+                                   row_ok[:, None] & (k_end > 0), PARTS)
         for k0 in range(0, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < N
@@ -330,13 +320,7 @@ def link_residual_kernel(
             a = tl.load(a_base + rows64[:, None] * stride_ar + ks64[None, :] * stride_ac,
                         mask=row_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
             # S_k^T parts, [C_PAD, BLOCK_K], read along the contiguous cluster dimension
-            st = s_base + ks64[None, :] * C_PAD + cols[:, None]
-            t0 = tl.load(st, mask=k_ok[None, :], other=0.0)
-            t1 = tl.load(st + plane, mask=k_ok[None, :], other=0.0)
-            if PARTS == 3:
-                t2 = tl.load(st + 2 * plane, mask=k_ok[None, :], other=0.0)
-            else:
-                t2 = t1
+            t0, t1, t2 = load_parts(s_base + ks64[None, :] * C_PAD + cols[:, None], plane, k_ok[None, :], PARTS)
             p = dot_parts(si0, si1, si2, t0, t1, t2, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PARTS)
             r = a - p
             q += tl.sum(tl.sum(r * r, axis=1), axis=0).to(tl.float64)
@@ -351,18 +335,9 @@ def link_residual_kernel(
             p = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             for c0 in range(0, C_PAD, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
-                si = s_base + rows64[:, None] * C_PAD + cols[None, :]
-                si0 = tl.load(si, mask=row_ok[:, None], other=0.0)
-                si1 = tl.load(si + plane, mask=row_ok[:, None], other=0.0)
-                st = s_base + ks64[None, :] * C_PAD + cols[:, None]
-                t0 = tl.load(st, mask=k_ok[None, :], other=0.0)
-                t1 = tl.load(st + plane, mask=k_ok[None, :], other=0.0)
-                if PARTS == 3:
-                    si2 = tl.load(si + 2 * plane, mask=row_ok[:, None], other=0.0)
-                    t2 = tl.load(st + 2 * plane, mask=k_ok[None, :], other=0.0)
-                else:
-                    si2 = si1
-                    t2 = t1
+                si0, si1, si2 = load_parts(s_base + rows64[:, None] * C_PAD + cols[None, :], plane,
+                                           row_ok[:, None], PARTS)
+                t0, t1, t2 = load_parts(s_base + ks64[None, :] * C_PAD + cols[:, None], plane, k_ok[None, :], PARTS)
                 p = dot_parts(si0, si1, si2, t0, t1, t2, p, PARTS)
             r = a - p
             q += tl.sum(tl.sum(r * r, axis=1), axis=0).to(tl.float64)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import cdiv, next_pow2, register_cap
-from .split import dot_parts, split_bf16
+from .split import dot_parts, load_parts, split_bf16
 
 
 class GramConfig(NamedTuple):
@@ -44,14 +44,15 @@ class GramConfig(NamedTuple):
 
 # C_PAD -> (block_c, block_f, block_n, num_warps, num_stages). A 128 x 128 tile holds all of A' up
 # to 128 clusters (symmetrised in the kernel); 8 warps keep its accumulator and the split operand
-# tiles clear of spills (``diffpool-fast compile-check``).
+# tiles clear of spills (``diffpool-fast compile-check``; above 128 clusters 16-node steps, 32
+# spilled 8 bytes on sm_80).
 _GRAM_TABLE = {
     16: (16, 64, 32, 4, 2),
     32: (32, 64, 32, 4, 2),
     64: (64, 64, 32, 4, 2),
     128: (128, 64, 32, 8, 2),
-    256: (128, 64, 32, 8, 2),
-    512: (128, 64, 32, 8, 2),
+    256: (128, 64, 16, 8, 2),
+    512: (128, 64, 16, 8, 2),
 }
 
 
@@ -110,13 +111,7 @@ def gram_fwd_kernel(
             ns = n0 + tl.arange(0, BLOCK_N)
             n_ok = ns < N
             ns64 = ns.to(tl.int64)
-            st = s_base + ns64[None, :] * C_PAD + cs[:, None]
-            s0 = tl.load(st, mask=n_ok[None, :], other=0.0)
-            s1 = tl.load(st + plane, mask=n_ok[None, :], other=0.0)
-            if PARTS == 3:
-                s2 = tl.load(st + 2 * plane, mask=n_ok[None, :], other=0.0)
-            else:
-                s2 = s1
+            s0, s1, s2 = load_parts(s_base + ns64[None, :] * C_PAD + cs[:, None], plane, n_ok[None, :], PARTS)
             y = tl.load(x_ptr + b * stride_xb + ns64[:, None] * stride_xn + fs[None, :] * stride_xf,
                         mask=n_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
             y0, y1, y2 = split_bf16(y, PARTS)
@@ -137,18 +132,8 @@ def gram_fwd_kernel(
                 ns = n0 + tl.arange(0, BLOCK_N)
                 n_ok = ns < N
                 ns64 = ns.to(tl.int64)
-                st = s_base + ns64[None, :] * C_PAD + cs[:, None]
-                s0 = tl.load(st, mask=n_ok[None, :], other=0.0)
-                s1 = tl.load(st + plane, mask=n_ok[None, :], other=0.0)
-                sy = s_base + ns64[:, None] * C_PAD + ds[None, :]
-                y0 = tl.load(sy, mask=n_ok[:, None], other=0.0)
-                y1 = tl.load(sy + plane, mask=n_ok[:, None], other=0.0)
-                if PARTS == 3:
-                    s2 = tl.load(st + 2 * plane, mask=n_ok[None, :], other=0.0)
-                    y2 = tl.load(sy + 2 * plane, mask=n_ok[:, None], other=0.0)
-                else:
-                    s2 = s1
-                    y2 = y1
+                s0, s1, s2 = load_parts(s_base + ns64[None, :] * C_PAD + cs[:, None], plane, n_ok[None, :], PARTS)
+                y0, y1, y2 = load_parts(s_base + ns64[:, None] * C_PAD + ds[None, :], plane, n_ok[:, None], PARTS)
                 acc = dot_parts(s0, s1, s2, y0, y1, y2, acc, PARTS)
             tl.store(StS_ptr + b * C_PAD * C_PAD + cs[:, None] * C_PAD + ds[None, :], acc)
             tl.store(work_ptr + b * W + c_sts + u, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
@@ -157,13 +142,7 @@ def gram_fwd_kernel(
                 ns = n0 + tl.arange(0, BLOCK_N)
                 n_ok = ns < N
                 ns64 = ns.to(tl.int64)
-                st = s_base + ns64[None, :] * C_PAD + cs[:, None]
-                s0 = tl.load(st, mask=n_ok[None, :], other=0.0)
-                s1 = tl.load(st + plane, mask=n_ok[None, :], other=0.0)
-                if PARTS == 3:
-                    s2 = tl.load(st + 2 * plane, mask=n_ok[None, :], other=0.0)
-                else:
-                    s2 = s1
+                s0, s1, s2 = load_parts(s_base + ns64[None, :] * C_PAD + cs[:, None], plane, n_ok[None, :], PARTS)
                 y = tl.load(AS_ptr + b * N * C_PAD + ns64[:, None] * C_PAD + ds[None, :],
                             mask=n_ok[:, None], other=0.0)
                 y0, y1, y2 = split_bf16(y, PARTS)

@@ -73,6 +73,19 @@ def split_bf16(x, PARTS: tl.constexpr):
 
 
 @triton.jit
+def load_parts(ptrs, plane, mask, PARTS: tl.constexpr):
+    """(p0, p1, p2): the bf16 parts stored ``plane`` elements apart at ``ptrs`` (0 where not
+    ``mask``); p2 is p1 (unused) when PARTS == 2."""
+    p0 = tl.load(ptrs, mask=mask, other=0.0)
+    p1 = tl.load(ptrs + plane, mask=mask, other=0.0)
+    if PARTS == 3:
+        p2 = tl.load(ptrs + 2 * plane, mask=mask, other=0.0)
+    else:
+        p2 = p1
+    return p0, p1, p2
+
+
+@triton.jit
 def dot_parts(a0, a1, a2, b0, b1, b2, acc, PARTS: tl.constexpr):
     """acc + a b from the bf16 parts of both operands (module docstring), smallest terms first."""
     if PARTS == 3:
