@@ -63,13 +63,13 @@ class AdjConfig(NamedTuple):
 # C_PAD -> (block_m, block_k, num_warps, num_stages). 64 rows: one Hopper warp group's product
 # height; from 128 clusters on, each program holds 128 of them (more: more programs), and
 # block_k 16 keeps the split operand tiles, the mirrored tile of the symmetry check and the
-# pipelined stages clear of spills on sm_80 and sm_90 (``diffpool-fast compile-check``: block_k
-# 32 spilled on sm_80, and so did 128 rows on 8 warps, by 12 bytes). Not yet timed on a GPU:
-# ``bench/scripts/gpu_tune.py`` tries the alternatives.
+# pipelined stages clear of spills on sm_80 and sm_90 at every C_PAD (``diffpool-fast
+# compile-check --quick``: block_k 32 or 64 spilled on sm_80, and so did 128 rows on 8 warps,
+# by 12 bytes). Not yet timed on a GPU: ``bench/scripts/gpu_tune.py`` tries the alternatives.
 _ADJ_TABLE = {
-    16: (64, 64, 4, 3),
-    32: (64, 64, 4, 3),
-    64: (64, 32, 4, 3),
+    16: (64, 16, 4, 2),
+    32: (64, 16, 4, 2),
+    64: (64, 16, 4, 2),
     128: (64, 16, 4, 2),
     256: (64, 16, 4, 2),
     512: (64, 16, 4, 2),
@@ -91,9 +91,9 @@ _RESIDUAL_TABLE = {
     512: (64, 16, 4, 2, 64),
 }
 _RESIDUAL_BWD_TABLE = {
-    16: (64, 64, 4, 2, 16),
-    32: (64, 64, 4, 2, 32),
-    64: (64, 32, 4, 2, 64),
+    16: (64, 16, 4, 2, 16),
+    32: (64, 16, 4, 2, 32),
+    64: (64, 16, 8, 2, 32),
     128: (64, 16, 8, 2, 32),
     256: (64, 16, 8, 2, 32),
     512: (64, 16, 8, 2, 32),
