@@ -24,7 +24,8 @@
 #
 # Output: at most 8 files at the top of OUT_DIR (status.csv, env.txt, profile.csv, tests.log,
 # model_profile.csv, profile_step.txt, tune.log, results.tar.gz), the full folders in
-# results.tar.gz. status.csv gets a row the moment each step ends. TU data: $DIFFPOOL_FAST_DATA or
+# results.tar.gz. status.csv gets a row the moment each step ends. GPU_LIMIT_OP, GPU_LIMIT_CAPTURE,
+# GPU_LIMIT_MODEL and GPU_LIMIT_TESTS override those steps' limits (seconds), to fit a lease. TU data: $DIFFPOOL_FAST_DATA or
 # .gpu_data/ (the device tool carries that git-ignored copy; nothing is downloaded).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -110,18 +111,18 @@ step dispatch 90 $PY -m diffpool_fast profile --device cuda --mode full --backen
 [ -f diffpool_fast/ops/dispatch_table.json ] && [[ " $STEPS " == *" dispatch "* ]] && \
     cp diffpool_fast/ops/dispatch_table.json "$FULL/dispatch/dispatch_table.json"
 
-step op 150 $PY bench/scripts/gpu_op_table.py "$FULL/op"
+step op ${GPU_LIMIT_OP:-150} $PY bench/scripts/gpu_op_table.py "$FULL/op"
 
-step capture 60 $PY bench/scripts/gpu_tune.py "$FULL/capture" --steps step,profile
+step capture ${GPU_LIMIT_CAPTURE:-60} $PY bench/scripts/gpu_tune.py "$FULL/capture" --steps step,profile
 
-step model 120 $PY bench/scripts/gpu_train.py --data-root "$DATA" --out "$FULL/model" --budget 110
+step model ${GPU_LIMIT_MODEL:-120} $PY bench/scripts/gpu_train.py --data-root "$DATA" --out "$FULL/model" --budget 110
 
 step sparse 30 $PY bench/scripts/gpu_checks.py sparse
 step clusters 30 $PY bench/scripts/gpu_checks.py clusters
 
 # Every test file on the GPU, 14 workers; -v prints each outcome as it happens, so a time-out
 # still tells which tests failed.
-step tests 200 $PY -m pytest -q -v -n 14 -p no:cacheprovider tests
+step tests ${GPU_LIMIT_TESTS:-200} $PY -m pytest -q -v -n 14 -p no:cacheprovider tests
 
 # at most 8 files at the top; everything in results.tar.gz
 for f in op/profile.csv model/model_profile.csv capture/profile_step.txt tune/tune.log; do
