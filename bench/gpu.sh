@@ -122,7 +122,7 @@ step clusters 30 $PY bench/scripts/gpu_checks.py clusters
 
 # Every test file on the GPU, 14 workers; -v prints each outcome as it happens, so a time-out
 # still tells which tests failed.
-step tests ${GPU_LIMIT_TESTS:-200} $PY -m pytest -q -v -n 14 -p no:cacheprovider tests
+step tests ${GPU_LIMIT_TESTS:-200} $PY -m pytest -v -n 14 -p no:cacheprovider tests
 
 # at most 8 files at the top; everything in results.tar.gz
 for f in op/profile.csv model/model_profile.csv capture/profile_step.txt tune/tune.log; do
