@@ -1,4 +1,5 @@
-"""fp32-grade products on bf16 tensor cores, and the exact exp/log of the row passes.
+"""fp32-grade products on bf16 tensor cores (in exact arithmetic of the parts), and the exact
+exp/log of the row passes.
 
 **Split products.** An fp32 value x is the sum of bf16 parts taken greedily::
 
@@ -20,6 +21,11 @@ memory (tf32 wgmma wants K-major ones), runs at twice the tf32 rate, and - the r
 decides it on a machine without a GPU - the interpreter (TRITON_INTERPRET=1) multiplies bf16
 parts exactly as the tensor cores do, so the tests measure the accuracy the GPU gets, where it
 computes any fp32 ``tl.dot`` exactly whatever its ``input_precision``.
+
+Measured on an H200 (bench/notes/gpu_2026-12-04.md): the tensor cores' fp32 accumulation of a
+chained product is not IEEE, so out and out_adj came out at about 3e-6 relative error, 8x PyG's
+fp32, where the interpreter's exact accumulation gives 1e-7. Promoting the accumulator every K
+step (a fresh accumulator per step, added with fp32 adds) is the likely remedy, not yet tried.
 
 Non-finite values: inf - inf is NaN, so an infinite entry makes its products NaN (not inf); a
 NaN stays NaN. Either way the output is not finite, as the README promises.
