@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with open(args.profile_csv) as f:
         rows = list(csv.DictReader(f))
+    for r in rows:  # as the profile's own records type them
+        for k in ("batch", "nodes", "clusters", "features"):
+            r[k] = int(r[k])
     cases, prec = dispatch_cases(rows)
     buckets = dispatch_table.winners(cases)
     if not buckets:
