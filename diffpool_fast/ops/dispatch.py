@@ -23,15 +23,12 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from ..config import BACKEND_ENV, POOL_BACKENDS, backend_override, triton_importable, triton_interpreting
+from ..config import BACKEND_ENV, POOL_BACKENDS, TRITON_IMPORTABLE, backend_override, triton_interpreting
 from . import dispatch_table
 from .coarsen_torch import coarsen_torch
 from .inputs import mask_logits
 
 _warned: set = set()
-
-#: resolved once: dynamo (torch 2.11) refuses to trace importlib.util.find_spec
-TRITON_IMPORTABLE = triton_importable()
 
 
 def _warn_once(key: str, message: str) -> None:

@@ -207,7 +207,7 @@ def pool_with_adj_op(
 
 def _fused_triton(inp, backend: str, mode: str, per_graph: bool, adj_symmetric, k, result_dtype):
     """The whole step on the Triton kernels, losses included (``coarsen_triton.pool_triton``:
-    seven launches forward and backward, no torch arithmetic around them), when the dispatch
+    eight launches forward and backward, no torch arithmetic around them), when the dispatch
     picks Triton for these inputs and the kernels take them; else None (the caller's path warns
     about a fallback once, through ``dispatch.coarsen``)."""
     if resolve_backend(backend, inp.x.device, dispatch_table.bucket_of(inp.x, inp.adj, inp.s)) != "triton":
