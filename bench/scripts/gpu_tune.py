@@ -10,7 +10,7 @@ come (``OUT_DIR/tune.log``, ``OUT_DIR/tune.json``), so a run cut short still say
 1. correctness: the Triton step (values and gradients of x, s and adj) against float64 PyG
    formulas on fresh random inputs: random and near-converged, symmetric and not, bool and
    float adjacencies, a padded batch, per-graph and graph-normalised losses, N and C not powers
-   of two, NaN-poisoned outputs;
+   of two, every output checked finite;
 2. per kernel at the headline shape (B=64 N=512 C=128 F=128 fp32): every candidate of
    ``CANDIDATES`` timed alone with CUDA-graph replays (``triton.testing.do_bench_cudagraph``),
    median; the fastest is kept for the next steps and reported as the table entry to commit;
