@@ -2,7 +2,8 @@
 
 The launch helpers read their block sizes from tables keyed on C_PAD (``adjacency._ADJ_TABLE``,
 ``gram._GRAM_TABLE``, ``assignment._ROW_FWD_TABLE``, ``assignment._ROW_BWD_TABLE``); the tables
-in the source are the committed choice, measured on a GPU (``bench/scripts/gpu_tune.py``). The
+in the source are the committed choice (so far picked to compile without spills; a GPU tuning
+run, ``bench/scripts/gpu_tune.py``, times the alternatives). The
 variable ``DIFFPOOL_FAST_KERNEL_CONFIGS`` names a JSON file ``{"adjacency": {"128": [...]}, ...}``
 whose entries replace theirs in this process, read once when the Triton path is first imported:
 ``bench/gpu.sh`` tunes, writes such a file, and runs its later steps with it.

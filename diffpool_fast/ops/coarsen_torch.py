@@ -38,6 +38,7 @@ from torch import Tensor
 from ..config import CONVERT_CHUNK_BYTES, EPS
 from . import link_exact
 from .block_sparse import BlockSparseAdj
+from .inputs import reads_stall
 
 
 def compute_dtype(x: Tensor, s: Tensor) -> torch.dtype:
@@ -141,12 +142,6 @@ def _link_sq(adj_sq: Tensor, out_adj: Tensor, StS: Tensor) -> Tuple[Tensor, Tens
     trace = torch.diagonal(out_adj, dim1=1, dim2=2).sum(-1, dtype=f64)
     sts_sq = StS.to(f64).square().sum(dim=(1, 2))
     return adj_sq - 2.0 * trace + sts_sq, sts_sq
-
-
-def reads_stall(device) -> bool:
-    """Whether reading a tensor's values on ``device`` would stall the host until the device
-    drains (every device but the CPU): the step then reads none."""
-    return device.type != "cpu"
 
 
 def _flagged(flags: Tensor) -> Tensor:

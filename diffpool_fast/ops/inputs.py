@@ -60,6 +60,12 @@ def _batched(name: str, t, ndim_hint: str) -> Tensor:
     )
 
 
+def reads_stall(device) -> bool:
+    """Whether reading a tensor's values on ``device`` would stall the host until the device
+    drains (every device but the CPU): code on such tensors reads none."""
+    return device.type != "cpu"
+
+
 def _check_mask_values(mask: Tensor) -> None:
     """A float or integer mask must hold only 0 and 1: a fractional weight (or 2, or NaN) would
     silently change what the mask means.
@@ -71,7 +77,7 @@ def _check_mask_values(mask: Tensor) -> None:
     assert (which ends the CUDA context). A bool mask needs no check.
     """
     bad = (mask != 0) & (mask != 1)
-    if torch.compiler.is_compiling() or mask.device.type != "cpu":
+    if torch.compiler.is_compiling() or reads_stall(mask.device):
         # no value read back: on a GPU that would stall the host until the device drains
         torch._assert_async(~bad.any(), MASK_VALUES_MESSAGE)
     elif bool(bad.any()):
@@ -191,7 +197,7 @@ def check_num_clusters(num_clusters, B: int, C: int, device) -> Optional[Tensor]
         raise ValueError(f"num_clusters must be on the device of s ({device}), got {num_clusters.device}")
     k = num_clusters.to(torch.int64)
     bad = (k < 1) | (k > C)
-    if torch.compiler.is_compiling() or k.device.type != "cpu":
+    if torch.compiler.is_compiling() or reads_stall(k.device):
         # no value read back (a graph break; on a GPU a stall until the device drains): an
         # assertion on the device instead
         torch._assert_async(~bad.any(), "num_clusters must lie in [1, C]")
